@@ -1,0 +1,371 @@
+"""The validated offload configuration: the contract every other module reads.
+
+Three frozen pydantic models mirror the YAML layout of the ``offload`` config group::
+
+    offload:
+      offload_backend: auto | uva | prefetch
+      uva:      {cpu_offload_gb, cpu_offload_params}
+      prefetch: {offload_group_size, offload_num_in_group, offload_prefetch_step, offload_params}
+      layers:   null | "model.layers" | [encoder.block, decoder.block]
+
+Validation follows the project specification (``SPEC.md``): field bounds, the two cross-field
+errors when prefetch is on, and at most one :class:`OffloadConfigWarning` for conflicting
+settings. On top of that the models reject unknown keys, strings where numbers belong, and bare
+strings where a list of name segments belongs.
+
+Example:
+    >>> from hydra_offload import OffloadConfig
+    >>> cfg = OffloadConfig(prefetch={"offload_group_size": 8, "offload_num_in_group": 2})
+    >>> cfg.resolved_backend
+    'prefetch'
+    >>> len(cfg.compute_hash())
+    64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "OffloadBackend",
+    "OffloadConfig",
+    "OffloadConfigWarning",
+    "PrefetchOffloadConfig",
+    "ResolvedBackend",
+    "UVAOffloadConfig",
+]
+
+OffloadBackend = Literal["auto", "uva", "prefetch"]
+"""What the user asks for: ``auto`` picks by the settings, the others force a backend."""
+
+ResolvedBackend = Literal["none", "uva", "prefetch"]
+"""What actually runs once ``auto`` has been resolved."""
+
+_HASH_SCHEMA = "hydra-offload/OffloadConfig/v1"
+
+# ``Strict`` keeps pydantic from turning "8" into 8 or True into 1: a number in the wrong
+# form is a mistake in the user's YAML, not something to guess about.
+_StrictInt = Annotated[int, Strict()]
+_StrictFloat = Annotated[float, Strict()]
+
+
+class OffloadConfigWarning(UserWarning):
+    """Issued when settings conflict and some of them will be ignored.
+
+    Example:
+        >>> import warnings
+        >>> from hydra_offload import OffloadConfig, OffloadConfigWarning
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = OffloadConfig(offload_backend="uva", prefetch={"offload_group_size": 4})
+        >>> caught[0].category is OffloadConfigWarning
+        True
+    """
+
+
+def _caller_stacklevel() -> int:
+    """Return the ``stacklevel`` that makes a warning point at the first frame outside the
+    libraries that validate a config (this package, pydantic, OmegaConf and Hydra)."""
+    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    skipped = (package_dir, *_validation_dirs())
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _validation_dirs() -> list[str]:
+    dirs = []
+    for name in ("pydantic", "omegaconf", "hydra"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            dirs.append(os.path.dirname(module.__file__) + os.sep)
+    return dirs
+
+
+def _segments(field: str, value: Any) -> frozenset[str]:
+    """Turn a YAML list / tuple / set of name segments into a frozenset, refusing bare strings."""
+    if isinstance(value, str):
+        raise PydanticCustomError(
+            "segments_not_a_list",
+            "{field} must be a list of name segments, e.g. [{value}], "
+            "not the bare string '{value}'",
+            {"field": field, "value": value},
+        )
+    if not isinstance(value, Iterable) or isinstance(value, (bytes, dict)):
+        raise PydanticCustomError(
+            "segments_not_a_list",
+            "{field} must be a list of name segments, e.g. [experts]; got {kind}",
+            {"field": field, "kind": type(value).__name__},
+        )
+    items = list(value)
+    for item in items:
+        _check_dotted(field, item, what="name segment")
+    return frozenset(items)
+
+
+def _check_dotted(field: str, item: Any, *, what: str) -> None:
+    """Refuse anything that is not a non-empty dotted name such as ``experts.w2_weight``."""
+    if not isinstance(item, str):
+        raise PydanticCustomError(
+            "dotted_name",
+            "{field}: each {what} must be a string, got {item} ({kind})",
+            {"field": field, "what": what, "item": repr(item), "kind": type(item).__name__},
+        )
+    if not item or any(part == "" or part.strip() != part for part in item.split(".")):
+        raise PydanticCustomError(
+            "dotted_name",
+            "{field}: {item} is not a valid {what}; use dot-separated names without "
+            "spaces or empty parts, e.g. 'experts' or 'mlp.experts.w2_weight'",
+            {"field": field, "what": what, "item": repr(item)},
+        )
+
+
+class _Frozen(BaseModel):
+    """Shared model settings: immutable, unknown keys rejected, docstrings as descriptions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @field_serializer("*", when_used="always")
+    def _sorted_sets(self, value: Any) -> Any:
+        # Sets serialize as sorted lists so dumps (and the hash) do not depend on
+        # iteration order, which changes between processes.
+        if isinstance(value, frozenset):
+            return sorted(value)
+        return value
+
+
+class UVAOffloadConfig(_Frozen):
+    """Settings of the UVA backend: weights stay in pinned host memory and GPU kernels read
+    them zero-copy over the interconnect.
+
+    Example:
+        >>> UVAOffloadConfig(cpu_offload_gb=10, cpu_offload_params=["experts"]).cpu_offload_gb
+        10.0
+    """
+
+    cpu_offload_gb: _StrictFloat = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """GiB of parameters per device to keep in host memory; 0 turns UVA off. Parameters are
+    taken in ``named_parameters()`` order until the budget is reached (the last one may
+    overshoot it)."""
+
+    cpu_offload_params: frozenset[str] = frozenset()
+    """Name segments selecting the parameters UVA may offload (``experts`` matches
+    ``mlp.experts.w2_weight``, ``expert`` does not). Empty: any parameter."""
+
+    @field_validator("cpu_offload_params", mode="before")
+    @classmethod
+    def _params_as_set(cls, value: Any) -> frozenset[str]:
+        return _segments("cpu_offload_params", value)
+
+
+class PrefetchOffloadConfig(_Frozen):
+    """Settings of the prefetch backend: the layer stack is cut into groups, the last layers
+    of each group live in host memory and are copied into a static device buffer pool a few
+    offloaded layers ahead of use.
+
+    Example:
+        >>> p = PrefetchOffloadConfig(offload_group_size=8, offload_num_in_group=2)
+        >>> [i for i in range(16) if i % 8 >= 8 - 2]
+        [6, 7, 14, 15]
+    """
+
+    offload_group_size: _StrictInt = Field(default=0, ge=0)
+    """Layers per group; 0 turns prefetch off."""
+
+    offload_num_in_group: _StrictInt = Field(default=1, ge=1)
+    """How many of the last layers of each group are offloaded; at most
+    ``offload_group_size``."""
+
+    offload_prefetch_step: _StrictInt = Field(default=1, ge=0)
+    """How many offloaded layers ahead the copies run; each step costs one device slot per
+    distinct parameter. At least 1 when prefetch is on; ``>= offload_num_in_group`` hides
+    the copies of adjacent offloaded layers."""
+
+    offload_params: frozenset[str] = frozenset()
+    """Name segments selecting which parameters of an offloaded layer move to the host.
+    Empty: all of them."""
+
+    @field_validator("offload_params", mode="before")
+    @classmethod
+    def _params_as_set(cls, value: Any) -> frozenset[str]:
+        return _segments("offload_params", value)
+
+
+class OffloadConfig(_Frozen):
+    """The whole offload configuration, validated and immutable.
+
+    Build it from keyword arguments, from a dict with ``OffloadConfig.model_validate``, or
+    from a Hydra node with :func:`hydra_offload.to_offload_config` (whose errors name the
+    dotted key). Conflicting settings emit one :class:`OffloadConfigWarning`.
+
+    Example:
+        >>> cfg = OffloadConfig(uva={"cpu_offload_gb": 4})
+        >>> cfg.resolved_backend
+        'uva'
+        >>> cfg == OffloadConfig(uva={"cpu_offload_gb": 4.0})
+        True
+    """
+
+    offload_backend: OffloadBackend = "auto"
+    """``auto`` chooses prefetch when ``offload_group_size > 0``, else UVA when
+    ``cpu_offload_gb > 0``, else nothing; ``uva`` and ``prefetch`` force a backend."""
+
+    uva: UVAOffloadConfig = Field(default_factory=UVAOffloadConfig)
+    """Settings of the UVA backend."""
+
+    prefetch: PrefetchOffloadConfig = Field(default_factory=PrefetchOffloadConfig)
+    """Settings of the prefetch backend."""
+
+    layers: str | tuple[str, ...] | None = None
+    """Dotted path(s), from the model root, of the layer stack(s) the prefetch backend walks,
+    e.g. ``model.layers`` or ``[encoder.block, decoder.block]``. ``null``: auto-detect."""
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_paths(cls, value: Any) -> str | tuple[str, ...] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            _check_dotted("layers", value, what="module path")
+            return value
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise PydanticCustomError(
+                    "layers_empty",
+                    "layers must name at least one module path, or be null to auto-detect",
+                )
+            for item in value:
+                _check_dotted("layers", item, what="module path")
+            if len(set(value)) != len(value):
+                raise PydanticCustomError(
+                    "layers_repeated",
+                    "layers names a path twice: {value}",
+                    {"value": str(list(value))},
+                )
+            # One path in a list means the same as the bare path: store it one way only, so
+            # equal settings compare and hash equal.
+            return value[0] if len(value) == 1 else tuple(value)
+        raise PydanticCustomError(
+            "layers_type",
+            "layers must be null, a dotted module path or a list of them; got {kind}",
+            {"kind": type(value).__name__},
+        )
+
+    @property
+    def prefetch_enabled(self) -> bool:
+        """Whether the prefetch rules apply: backend ``prefetch`` or a group size above 0."""
+        return self.offload_backend == "prefetch" or self.prefetch.offload_group_size > 0
+
+    @property
+    def uva_active(self) -> bool:
+        """Whether the UVA settings would offload anything (``cpu_offload_gb > 0``)."""
+        return self.uva.cpu_offload_gb > 0
+
+    @property
+    def prefetch_active(self) -> bool:
+        """Whether the prefetch settings would offload anything (``offload_group_size > 0``)."""
+        return self.prefetch.offload_group_size > 0
+
+    @property
+    def resolved_backend(self) -> ResolvedBackend:
+        """The backend that runs: ``none``, ``uva`` or ``prefetch`` (``auto`` resolved)."""
+        if self.offload_backend != "auto":
+            return self.offload_backend
+        if self.prefetch_active:
+            return "prefetch"
+        if self.uva_active:
+            return "uva"
+        return "none"
+
+    @property
+    def layer_paths(self) -> tuple[str, ...] | None:
+        """``layers`` as a tuple of paths, or ``None`` for auto-detection."""
+        if self.layers is None:
+            return None
+        return (self.layers,) if isinstance(self.layers, str) else self.layers
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> OffloadConfig:
+        prefetch = self.prefetch
+        if self.prefetch_enabled:
+            if prefetch.offload_num_in_group > prefetch.offload_group_size:
+                raise PydanticCustomError(
+                    "offload_constraint",
+                    "offload_num_in_group ({k}) must be <= offload_group_size ({g})",
+                    {
+                        "key": "prefetch.offload_num_in_group",
+                        "k": prefetch.offload_num_in_group,
+                        "g": prefetch.offload_group_size,
+                    },
+                )
+            if prefetch.offload_prefetch_step < 1:
+                raise PydanticCustomError(
+                    "offload_constraint",
+                    "offload_prefetch_step ({s}) must be >= 1 when prefetch offloading is "
+                    "enabled (offload_group_size > 0)",
+                    {"key": "prefetch.offload_prefetch_step", "s": prefetch.offload_prefetch_step},
+                )
+        message = self._conflict()
+        if message:
+            warnings.warn(message, OffloadConfigWarning, stacklevel=_caller_stacklevel())
+        return self
+
+    def _conflict(self) -> str | None:
+        """The one conflict worth a warning, first match wins (see SPEC.md)."""
+        if self.offload_backend == "uva" and self.prefetch_active:
+            return (
+                "Prefetch offload fields are set but offload_backend='uva': "
+                "the prefetch settings will be ignored."
+            )
+        if self.offload_backend == "prefetch" and self.uva_active:
+            return (
+                "UVA offload fields are set but offload_backend='prefetch': "
+                "the UVA settings will be ignored."
+            )
+        if self.offload_backend == "auto" and self.uva_active and self.prefetch_active:
+            return (
+                "Both UVA and prefetch offload fields are set with offload_backend='auto': "
+                "the prefetch backend will be selected. Set offload_backend explicitly to "
+                "silence this warning."
+            )
+        return None
+
+    def compute_hash(self) -> str:
+        """A SHA-256 hex digest of every field, nested ones included.
+
+        Equal configs give equal digests in any process and Python version; the order of
+        set members does not matter; any change of a field changes the digest.
+
+        Example:
+            >>> a = OffloadConfig(uva={"cpu_offload_params": ["b", "a"]})
+            >>> b = OffloadConfig(uva={"cpu_offload_params": ["a", "b"]})
+            >>> a.compute_hash() == b.compute_hash()
+            True
+        """
+        payload = json.dumps(
+            {"schema": _HASH_SCHEMA, "config": self.model_dump(mode="json")},
+            sort_keys=True,
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()

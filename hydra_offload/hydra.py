@@ -1,0 +1,242 @@
+"""Hydra integration: the structured-config schema of the ``offload`` group and the bridge
+from a composed Hydra node to a validated :class:`~hydra_offload.config.OffloadConfig`.
+
+The schema is registered in Hydra's ``ConfigStore`` as ``offload/schema`` by the package's
+search-path plugin, which Hydra imports before composing any app's config. The group files
+shipped in ``hydra_offload/conf/offload/`` extend it (``defaults: [schema, _self_]``), so a
+command-line override with the wrong type or an unknown key fails at compose time, naming the
+key. Rules that involve several fields (``offload_num_in_group <= offload_group_size``) are
+checked by :func:`to_offload_config`, whose errors name the full dotted key.
+
+This module imports neither torch nor the runtime, so the plugin stays cheap for Hydra apps
+that never offload anything.
+
+Example:
+    >>> from hydra_offload import to_offload_config
+    >>> to_offload_config({"prefetch": {"offload_group_size": 4}}).resolved_backend
+    'prefetch'
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ValidationError
+
+from hydra_offload.config import OffloadConfig
+
+__all__ = [
+    "OffloadBackendName",
+    "OffloadConfigError",
+    "OffloadSchema",
+    "PrefetchOffloadSchema",
+    "SCHEMA_NAME",
+    "UVAOffloadSchema",
+    "register_configs",
+    "to_offload_config",
+]
+
+SCHEMA_NAME = "schema"
+"""Name of the schema node in the ``offload`` group of Hydra's ConfigStore."""
+
+PROVIDER = "hydra-offload"
+
+
+class OffloadBackendName(str, Enum):
+    """The ``offload_backend`` values, as an Enum so OmegaConf checks overrides at compose
+    time and lists the allowed values when one is wrong."""
+
+    auto = "auto"
+    uva = "uva"
+    prefetch = "prefetch"
+
+
+@dataclass
+class UVAOffloadSchema:
+    """Compose-time types of ``offload.uva`` (see :class:`UVAOffloadConfig` for meaning)."""
+
+    cpu_offload_gb: float = 0.0
+    cpu_offload_params: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrefetchOffloadSchema:
+    """Compose-time types of ``offload.prefetch`` (see :class:`PrefetchOffloadConfig`)."""
+
+    offload_group_size: int = 0
+    offload_num_in_group: int = 1
+    offload_prefetch_step: int = 1
+    offload_params: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OffloadSchema:
+    """Compose-time types of the ``offload`` node (see :class:`OffloadConfig`).
+
+    ``layers`` is typed ``Any`` because OmegaConf has no union of a string and a list; its
+    value is checked by :func:`to_offload_config`.
+    """
+
+    offload_backend: OffloadBackendName = OffloadBackendName.auto
+    uva: UVAOffloadSchema = field(default_factory=UVAOffloadSchema)
+    prefetch: PrefetchOffloadSchema = field(default_factory=PrefetchOffloadSchema)
+    layers: Any = None
+
+
+def register_configs() -> None:
+    """Store the schema as ``offload/schema`` in Hydra's ConfigStore (idempotent).
+
+    Hydra's plugin discovery calls this before composition; call it yourself only when you
+    compose configs with Hydra's plugins disabled.
+
+    Example:
+        >>> from hydra.core.config_store import ConfigStore
+        >>> register_configs()
+        >>> "schema.yaml" in ConfigStore.instance().list("offload")
+        True
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(
+        group="offload", name=SCHEMA_NAME, node=OffloadSchema, provider=PROVIDER
+    )
+
+
+class OffloadConfigError(ValueError):
+    """A configuration that cannot be used, with one line per problem.
+
+    Each line names the full dotted key, the value given and what is allowed, e.g.
+    ``offload.prefetch.offload_num_in_group: got 3; offload_num_in_group (3) must be <=
+    offload_group_size (2)``.
+
+    Attributes:
+        problems: one ``(key, message)`` pair per problem.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{key}: {message}" for key, message in problems))
+
+
+def to_offload_config(cfg: Any, *, key: str = "offload") -> OffloadConfig:
+    """Validate a Hydra node, a mapping or an :class:`OffloadConfig` into an ``OffloadConfig``.
+
+    Args:
+        cfg: a ``DictConfig`` (interpolations are resolved), a ``dict`` or another mapping,
+            or an ``OffloadConfig`` (returned as it is).
+        key: the dotted key of ``cfg`` in the user's config; error messages start with it.
+
+    Raises:
+        OffloadConfigError: one line per problem, each naming the dotted key
+            (``offload.prefetch.offload_group_size``), the bad value and what is allowed.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> node = OmegaConf.create({"prefetch": {"offload_group_size": 2}})
+        >>> to_offload_config(node).prefetch.offload_group_size
+        2
+        >>> try:
+        ...     to_offload_config({"prefetch": {"offload_group_size": -2}})
+        ... except OffloadConfigError as err:
+        ...     print(err)
+        offload.prefetch.offload_group_size: got -2; expected a value >= 0
+    """
+    if isinstance(cfg, OffloadConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        data: Any = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    elif isinstance(cfg, Mapping):
+        data = {k: _plain(v) for k, v in cfg.items()}
+    else:
+        raise OffloadConfigError(
+            [(key, f"expected a mapping of offload settings, got {type(cfg).__name__}")]
+        )
+    try:
+        return OffloadConfig.model_validate(data)
+    except ValidationError as err:
+        raise OffloadConfigError(_describe(err, key, data)) from None
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python values from OmegaConf nodes and Enums found inside a mapping."""
+    if isinstance(value, Enum):
+        return value.value
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _describe(err: ValidationError, key: str, data: Any) -> list[tuple[str, str]]:
+    problems = []
+    for error in err.errors(include_url=False):
+        ctx = error.get("ctx") or {}
+        loc = tuple(str(part) for part in error["loc"])
+        if "key" in ctx:  # a cross-field rule: it names the field it is about
+            loc = tuple(ctx["key"].split("."))
+            value = _lookup(data, loc)
+        else:
+            value = error["input"]
+        dotted = ".".join((key, *loc)) if key else ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            message = _unknown_key(loc)
+        elif isinstance(value, (Mapping, list)) and not loc:
+            message = error["msg"]
+        else:
+            message = f"got {value!r}; {_allowed(error)}"
+        problems.append((dotted, message))
+    return problems
+
+
+def _lookup(data: Any, loc: tuple[str, ...]) -> Any:
+    for part in loc:
+        if not isinstance(data, Mapping) or part not in data:
+            return _default(loc)
+        data = data[part]
+    return data
+
+
+def _default(loc: tuple[str, ...]) -> Any:
+    value: Any = OffloadConfig()
+    for part in loc:
+        value = getattr(value, part)
+    return value
+
+
+def _allowed(error: Any) -> str:
+    """What is allowed, in words, for one pydantic error."""
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "expected an integer"
+    if kind in ("float_type", "float_parsing"):
+        return "expected a number"
+    if kind == "greater_than_equal":
+        bound = ctx["ge"]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"expected a value >= {bound}"
+    if kind == "finite_number":
+        return "expected a finite number"
+    if kind == "literal_error":
+        return f"expected one of {ctx['expected']}"
+    return error["msg"]
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    model: type[BaseModel] = OffloadConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {hint}allowed keys: {', '.join(allowed)}"

@@ -1,0 +1,426 @@
+"""Planning: which parameters go to host memory, and what that costs and saves on the device.
+
+:func:`plan_offload` is a pure function of the model's structure and the config. It reads
+names, shapes, strides and dtypes only, never tensor data, so it works on a model built on
+the ``meta`` device; the result, an immutable :class:`OffloadPlan`, is what the backends
+execute and what users see as a table.
+
+Example:
+    >>> import torch
+    >>> from hydra_offload import OffloadConfig, plan_offload
+    >>> from hydra_offload.models import DecoderLM
+    >>> with torch.device("meta"):
+    ...     model = DecoderLM(num_layers=8)
+    >>> cfg = OffloadConfig(prefetch={"offload_group_size": 4, "offload_num_in_group": 1})
+    >>> plan = plan_offload(model, cfg)
+    >>> plan.backend, plan.layers, plan.stacks[0].offloaded_layers
+    ('prefetch', ('layers',), (3, 7))
+    >>> plan.device_bytes_saved == plan.offloaded_bytes - plan.pool_bytes
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hydra_offload.config import OffloadConfig, ResolvedBackend
+from hydra_offload.selection import matches_any, unmatched_patterns
+from hydra_offload.stacks import LayerStack, StackCandidate, find_layer_stacks
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+__all__ = [
+    "OffloadPlan",
+    "OffloadPlanWarning",
+    "PlannedParam",
+    "PoolSlot",
+    "StackPlan",
+    "plan_offload",
+]
+
+GIB = 1024**3
+
+
+class OffloadPlanWarning(UserWarning):
+    """The plan is valid but probably not what was meant (e.g. a pattern matched nothing)."""
+
+
+@dataclass(frozen=True)
+class PlannedParam:
+    """One parameter that moves to host memory."""
+
+    name: str
+    """Fully qualified name, as ``model.named_parameters()`` gives it."""
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    stack: str | None = None
+    """Prefetch: path of the stack the parameter's layer belongs to."""
+    layer: int | None = None
+    """Prefetch: index of the layer in its stack."""
+    local_name: str | None = None
+    """Prefetch: name inside the layer (``mlp.down_proj.weight``)."""
+    slot: int | None = None
+    """Prefetch: which of its pool entry's slots the layer's copy goes to."""
+
+    @property
+    def slot_key(self) -> tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype] | None:
+        """Prefetch: the pool entry this parameter shares with the other layers."""
+        if self.local_name is None:
+            return None
+        return (self.local_name, self.shape, self.stride, self.dtype)
+
+
+@dataclass(frozen=True)
+class PoolSlot:
+    """One entry of a stack's static device buffer pool: ``count`` tensors of one kind."""
+
+    stack: str
+    local_name: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    """Bytes of one slot."""
+    count: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.nbytes * self.count
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """What happens to one layer stack under the prefetch backend."""
+
+    path: str
+    num_layers: int
+    offloaded_layers: tuple[int, ...]
+    """Indices of the layers with at least one parameter offloaded, in stack order."""
+    offloaded_bytes: int
+    pool_bytes: int
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """What a backend will do to a model: immutable, computed without touching weights.
+
+    Attributes:
+        backend: ``"none"``, ``"uva"`` or ``"prefetch"``.
+        config_hash: :meth:`OffloadConfig.compute_hash` of the config that made the plan.
+        layers: the stack path(s) used (prefetch only).
+        params: the offloaded parameters, in ``named_parameters()`` order.
+        stacks: per-stack figures (prefetch only).
+        pool: the static device buffer pool entries (prefetch only).
+        candidates: module lists considered by auto-detection, with the decision on each.
+        total_param_bytes: bytes of all the model's parameters (shared ones once).
+        budget_bytes: UVA's byte budget, ``int(cpu_offload_gb * 1024**3)``.
+        notes: things worth knowing about the plan (also shown by :meth:`summary`).
+
+    Example:
+        >>> import torch
+        >>> from hydra_offload import OffloadConfig, plan_offload
+        >>> plan = plan_offload(torch.nn.Linear(4, 4), OffloadConfig(uva={"cpu_offload_gb": 1}))
+        >>> plan.offloaded_params, plan.offloaded_bytes
+        (('weight', 'bias'), 80)
+    """
+
+    backend: ResolvedBackend
+    config_hash: str
+    layers: tuple[str, ...]
+    params: tuple[PlannedParam, ...]
+    stacks: tuple[StackPlan, ...]
+    pool: tuple[PoolSlot, ...]
+    candidates: tuple[StackCandidate, ...]
+    total_param_bytes: int
+    budget_bytes: int | None
+    notes: tuple[str, ...]
+
+    @property
+    def offloaded_params(self) -> tuple[str, ...]:
+        """Fully qualified names of the offloaded parameters."""
+        return tuple(p.name for p in self.params)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes of parameters kept in host memory."""
+        return sum(p.nbytes for p in self.params)
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the static device buffer pool (0 for UVA and none)."""
+        return sum(slot.total_bytes for slot in self.pool)
+
+    @property
+    def device_bytes_saved(self) -> int:
+        """Parameter bytes no longer resident on the device: offloaded bytes minus the pool."""
+        return self.offloaded_bytes - self.pool_bytes
+
+    def summary(self, width: int = 100) -> str:
+        """The plan as the text table users see (what ``run.py`` prints)."""
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=width, no_color=True, highlight=False)
+        console.print(self.__rich__())
+        return buffer.getvalue()
+
+    def __rich__(self) -> RenderableType:
+        from hydra_offload._render import render_plan
+
+        return render_plan(self)
+
+
+def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
+    """Plan the offload of ``model`` under ``config`` without touching any weight.
+
+    Args:
+        model: any ``nn.Module``; it may live on the ``meta`` device.
+        config: an :class:`OffloadConfig`, or anything :func:`~hydra_offload.to_offload_config`
+            accepts (a ``DictConfig`` or a ``dict``).
+
+    Returns:
+        The plan. Patterns in ``cpu_offload_params`` / ``offload_params`` that match no
+        parameter emit an :class:`OffloadPlanWarning` and are listed in ``plan.notes``.
+
+    Raises:
+        hydra_offload.stacks.LayerStackError: prefetch with a ``layers`` path that does not
+            name a module list, or no layer stack found by auto-detection.
+        hydra_offload.OffloadConfigError: ``config`` is not a valid configuration.
+
+    Example:
+        >>> import torch
+        >>> from hydra_offload import plan_offload
+        >>> plan = plan_offload(torch.nn.Linear(4, 4), {"offload_backend": "auto"})
+        >>> plan.backend, plan.offloaded_params
+        ('none', ())
+    """
+    from hydra_offload.hydra import to_offload_config
+
+    config = to_offload_config(config)
+    names = _parameter_names(model)
+    total = sum(_nbytes(p) for p in names)
+    backend = config.resolved_backend
+    common: dict[str, Any] = {
+        "backend": backend,
+        "config_hash": config.compute_hash(),
+        "total_param_bytes": total,
+    }
+    if backend == "uva":
+        return _plan_uva(config, names, common)
+    if backend == "prefetch":
+        return _plan_prefetch(model, config, names, common)
+    return OffloadPlan(
+        layers=(), params=(), stacks=(), pool=(), candidates=(), budget_bytes=None,
+        notes=(), **common,
+    )  # fmt: skip
+
+
+def _nbytes(param: torch.Tensor) -> int:
+    return param.numel() * param.element_size()
+
+
+def _parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Each distinct parameter and its canonical name (the first one registered)."""
+    names: dict[nn.Parameter, str] = {}
+    for name, param in model.named_parameters():
+        names.setdefault(param, name)
+    return names
+
+
+def _planned(name: str, param: torch.Tensor, **where: Any) -> PlannedParam:
+    return PlannedParam(
+        name=name,
+        shape=tuple(param.shape),
+        stride=tuple(param.stride()),
+        dtype=param.dtype,
+        nbytes=_nbytes(param),
+        **where,
+    )
+
+
+def _warn_unmatched(field: str, patterns: frozenset[str], names: list[str]) -> tuple[str, ...]:
+    missing = unmatched_patterns(patterns, names)
+    if not missing:
+        return ()
+    note = (
+        f"{field}: {', '.join(repr(p) for p in missing)} matched no parameter; patterns are "
+        "whole dot-separated name segments ('experts' matches 'mlp.experts.w2_weight', "
+        "'expert' does not)"
+    )
+    warnings.warn(note, OffloadPlanWarning, stacklevel=3)
+    return (note,)
+
+
+def _plan_uva(
+    config: OffloadConfig, names: dict[nn.Parameter, str], common: dict[str, Any]
+) -> OffloadPlan:
+    budget = int(config.uva.cpu_offload_gb * GIB)
+    patterns = config.uva.cpu_offload_params
+    notes = list(_warn_unmatched("offload.uva.cpu_offload_params", patterns, list(names.values())))
+    chosen: list[PlannedParam] = []
+    used = 0
+    for param, name in names.items():
+        if used >= budget:
+            break
+        if not matches_any(patterns, name):
+            continue
+        chosen.append(_planned(name, param))
+        used += chosen[-1].nbytes
+    eligible = sum(_nbytes(p) for p, n in names.items() if matches_any(patterns, n))
+    if budget == 0:
+        notes.append("offload.uva.cpu_offload_gb is 0: nothing is offloaded")
+    elif used < budget:
+        notes.append(
+            f"the budget ({budget:,} bytes) exceeds what can be offloaded; all "
+            f"{eligible:,} eligible parameter bytes go to host memory"
+        )
+    return OffloadPlan(
+        layers=(), params=tuple(chosen), stacks=(), pool=(), candidates=(),
+        budget_bytes=budget, notes=tuple(notes), **common,
+    )  # fmt: skip
+
+
+def _plan_prefetch(
+    model: nn.Module,
+    config: OffloadConfig,
+    names: dict[nn.Parameter, str],
+    common: dict[str, Any],
+) -> OffloadPlan:
+    settings = config.prefetch
+    group, per_group, step = (
+        settings.offload_group_size,
+        settings.offload_num_in_group,
+        settings.offload_prefetch_step,
+    )
+    choice = find_layer_stacks(model, config.layer_paths)
+    owners = _owners(model)
+    notes: list[str] = []
+    planned: list[PlannedParam] = []
+    stack_plans: list[StackPlan] = []
+    pool: list[PoolSlot] = []
+    selected_names: list[str] = []
+    for stack in choice.stacks:
+        layers = list(stack.module)
+        chosen = [i for i in range(len(layers)) if i % group >= group - per_group]
+        by_layer: list[tuple[int, list[PlannedParam]]] = []
+        for index in chosen:
+            prefix = stack.qualified(index)
+            params = []
+            for local, param in layers[index].named_parameters():
+                name = names[param]
+                selected_names.append(name)
+                if not matches_any(settings.offload_params, name):
+                    continue
+                outside = sorted(o for o in owners[param] if not _inside(o, prefix))
+                if outside:
+                    notes.append(
+                        f"{name} stays on the device: it is shared with {', '.join(outside)}"
+                    )
+                    continue
+                params.append(_planned(name, param, stack=stack.path, layer=index,
+                                       local_name=local))  # fmt: skip
+            if params:
+                by_layer.append((index, params))
+        stack_params, stack_pool = _assign_slots(stack, by_layer, step)
+        planned += stack_params
+        pool += stack_pool
+        stack_plans.append(
+            StackPlan(
+                path=stack.path,
+                num_layers=len(layers),
+                offloaded_layers=tuple(index for index, _ in by_layer),
+                offloaded_bytes=sum(p.nbytes for p in stack_params),
+                pool_bytes=sum(s.total_bytes for s in stack_pool),
+            )
+        )
+        if not chosen:
+            notes.append(
+                f"{stack.path or '<root>'} has {len(layers)} layers, fewer than "
+                f"offload_group_size ({group}): none is offloaded"
+            )
+    notes += _warn_unmatched("offload.prefetch.offload_params", settings.offload_params,
+                             selected_names)  # fmt: skip
+    if step < per_group:
+        notes.append(
+            f"offload_prefetch_step ({step}) < offload_num_in_group ({per_group}): adjacent "
+            "offloaded layers have no compute between them to hide their copies; "
+            f"offload_prefetch_step={per_group} or more is recommended"
+        )
+    offloaded = sum(p.nbytes for p in planned)
+    if offloaded and offloaded == sum(s.total_bytes for s in pool):
+        notes.append(
+            "the device buffer pool holds every offloaded layer at once, so no device memory "
+            "is saved: lower offload_prefetch_step or offload_group_size, or offload more "
+            "layers"
+        )
+    order = {name: i for i, name in enumerate(names.values())}
+    planned.sort(key=lambda p: order[p.name])
+    return OffloadPlan(
+        layers=tuple(s.path for s in choice.stacks), params=tuple(planned),
+        stacks=tuple(stack_plans), pool=tuple(pool), candidates=choice.candidates,
+        budget_bytes=None, notes=tuple(notes), **common,
+    )  # fmt: skip
+
+
+def _owners(model: nn.Module) -> dict[nn.Parameter, list[str]]:
+    """Every name under which each parameter is registered (tied ones have several)."""
+    owners: dict[nn.Parameter, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[param].append(name)
+    return owners
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return not prefix or name.startswith(prefix + ".")
+
+
+def _assign_slots(
+    stack: LayerStack, by_layer: list[tuple[int, list[PlannedParam]]], step: int
+) -> tuple[list[PlannedParam], list[PoolSlot]]:
+    """Give the j-th offloaded layer slot ``j % step`` of each of its pool entries.
+
+    Each entry (name inside the layer, shape, stride, dtype) gets as many slots as the
+    distinct positions its layers use: ``step`` at most, fewer when fewer layers share it.
+    """
+    positions: dict[tuple[Any, ...], set[int]] = defaultdict(set)
+    sample: dict[tuple[Any, ...], PlannedParam] = {}
+    assigned: list[PlannedParam] = []
+    for ordinal, (_, params) in enumerate(by_layer):
+        for param in params:
+            key = param.slot_key
+            positions[key].add(ordinal % step)
+            sample.setdefault(key, param)
+    compact = {key: sorted(pos) for key, pos in positions.items()}
+    for ordinal, (_, params) in enumerate(by_layer):
+        for param in params:
+            slot = compact[param.slot_key].index(ordinal % step)
+            assigned.append(_with_slot(param, slot))
+    pool = [
+        PoolSlot(
+            stack=stack.path,
+            local_name=p.local_name or "",
+            shape=p.shape,
+            stride=p.stride,
+            dtype=p.dtype,
+            nbytes=p.nbytes,
+            count=len(compact[key]),
+        )
+        for key, p in sample.items()
+    ]
+    return assigned, pool
+
+
+def _with_slot(param: PlannedParam, slot: int) -> PlannedParam:
+    from dataclasses import replace
+
+    return replace(param, slot=slot)
