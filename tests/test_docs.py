@@ -1,0 +1,26 @@
+"""Every example in the public docstrings runs and prints what it claims."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "hydra_offload",
+    "hydra_offload.config",
+    "hydra_offload.hydra",
+    "hydra_offload.models.decoder",
+    "hydra_offload.plan",
+    "hydra_offload.selection",
+    "hydra_offload.stacks",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0

@@ -1,0 +1,227 @@
+"""The Hydra side: the shipped ``offload`` group, the schema, and ``to_offload_config``."""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from hydra_offload import OffloadConfig, OffloadConfigError, plan_offload, to_offload_config
+from hydra_offload.models import DecoderLM
+
+APP_DIR = Path(__file__).parent / "hydra_app"
+
+
+def compose_app(*overrides: str):
+    """Compose the plain test app's config (it names the offload group, nothing more)."""
+    with initialize_config_dir(config_dir=str(APP_DIR / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_group_files_ship_inside_the_installed_package():
+    group = importlib.resources.files("hydra_offload.conf") / "offload"
+    assert sorted(p.name for p in group.iterdir() if p.name.endswith(".yaml")) == [
+        "none.yaml",
+        "prefetch.yaml",
+        "uva.yaml",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("option", "backend"), [("none", "none"), ("uva", "uva"), ("prefetch", "prefetch")]
+)
+def test_each_group_option_composes_into_a_valid_config(option, backend):
+    cfg = compose_app(f"offload={option}")
+    assert to_offload_config(cfg.offload).resolved_backend == backend
+
+
+@pytest.mark.parametrize(
+    ("option", "offloads"), [("none", False), ("uva", True), ("prefetch", True)]
+)
+def test_group_option_alone_offloads_something_on_a_real_model(option, offloads):
+    torch.manual_seed(0)
+    model = DecoderLM(num_layers=4)
+    plan = plan_offload(model, compose_app(f"offload={option}").offload)
+    assert (plan.offloaded_bytes > 0) is offloads
+    assert (plan.device_bytes_saved > 0) is offloads
+
+
+def test_overrides_reach_the_validated_config():
+    cfg = compose_app(
+        "offload=prefetch",
+        "offload.prefetch.offload_group_size=8",
+        "offload.prefetch.offload_num_in_group=2",
+        "offload.prefetch.offload_params=[experts,w2_weight]",
+        "offload.layers=model.layers",
+    )
+    offload = to_offload_config(cfg.offload)
+    assert offload.prefetch.offload_group_size == 8
+    assert offload.prefetch.offload_num_in_group == 2
+    assert offload.prefetch.offload_params == {"experts", "w2_weight"}
+    assert offload.layers == "model.layers"
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("offload.prefetch.offload_group_size=abc", "offload.prefetch.offload_group_size"),
+        ("offload.uva.cpu_offload_gb=lots", "offload.uva.cpu_offload_gb"),
+        ("offload.offload_backend=cuda", "expected one of [auto, uva, prefetch]"),
+        ("offload.uva.cpu_offload_params=experts", "offload.uva.cpu_offload_params"),
+        ("offload.prefetch.offload_group_sise=3", "offload_group_sise"),
+    ],
+)
+def test_compose_rejects_wrong_types_and_unknown_keys(override, fragment):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_app("offload=prefetch", override)
+    cause = info.value.__cause__ or info.value
+    assert fragment in f"{info.value} {cause}"
+
+
+def test_a_key_forced_in_with_plus_is_still_refused_by_validation():
+    # `+key=value` tells Hydra to add a key the schema lacks; validation still refuses it.
+    cfg = compose_app("offload=prefetch", "+offload.prefetch.offload_group_sise=3")
+    with pytest.raises(OffloadConfigError, match=r"offload\.prefetch\.offload_group_sise: unknown"):
+        to_offload_config(cfg.offload)
+
+
+def test_dictconfig_with_interpolations_is_resolved():
+    node = OmegaConf.create(
+        {"g": 4, "offload": {"prefetch": {"offload_group_size": "${g}"}}}
+    ).offload
+    assert to_offload_config(node).prefetch.offload_group_size == 4
+
+
+def test_offload_config_passes_through_unchanged():
+    cfg = OffloadConfig(uva={"cpu_offload_gb": 1})
+    assert to_offload_config(cfg) is cfg
+
+
+def test_plain_dict_with_nested_dictconfig_is_accepted():
+    data = {"uva": OmegaConf.create({"cpu_offload_gb": 2, "cpu_offload_params": ["experts"]})}
+    assert to_offload_config(data).uva.cpu_offload_params == {"experts"}
+
+
+# A bad value -> the dotted key the error must start with, and fragments it must contain.
+BAD_INPUTS = [
+    (
+        {"prefetch": {"offload_group_size": 2, "offload_num_in_group": 3}},
+        "offload.prefetch.offload_num_in_group",
+        ["got 3", "must be <= offload_group_size (2)"],
+    ),
+    (
+        {"offload_backend": "prefetch"},
+        "offload.prefetch.offload_num_in_group",
+        ["got 1", "must be <= offload_group_size (0)"],
+    ),
+    (
+        {"prefetch": {"offload_group_size": 2, "offload_prefetch_step": 0}},
+        "offload.prefetch.offload_prefetch_step",
+        ["got 0", "must be >= 1 when prefetch offloading is enabled"],
+    ),
+    ({"uva": {"cpu_offload_gb": -1}}, "offload.uva.cpu_offload_gb", ["got -1", ">= 0"]),
+    ({"uva": {"cpu_offload_gb": float("inf")}}, "offload.uva.cpu_offload_gb", ["finite"]),
+    ({"uva": {"cpu_offload_gb": "4"}}, "offload.uva.cpu_offload_gb", ["got '4'", "number"]),
+    (
+        {"prefetch": {"offload_group_size": "8"}},
+        "offload.prefetch.offload_group_size",
+        ["got '8'", "integer"],
+    ),
+    (
+        {"offload_backend": "gpu"},
+        "offload.offload_backend",
+        ["got 'gpu'", "'auto', 'uva' or 'prefetch'"],
+    ),
+    (
+        {"prefetch": {"offload_group_sise": 8}},
+        "offload.prefetch.offload_group_sise",
+        ["unknown key", "did you mean 'offload_group_size'", "allowed keys"],
+    ),
+    ({"backend": "uva"}, "offload.backend", ["unknown key", "allowed keys: offload_backend"]),
+    (
+        {"uva": {"cpu_offload_params": "experts"}},
+        "offload.uva.cpu_offload_params",
+        ["got 'experts'", "must be a list of name segments, e.g. [experts]"],
+    ),
+    ({"layers": []}, "offload.layers", ["at least one module path"]),
+]
+
+
+@pytest.mark.parametrize(("data", "key", "fragments"), BAD_INPUTS)
+def test_errors_name_the_full_dotted_key_the_value_and_what_is_allowed(data, key, fragments):
+    with pytest.raises(OffloadConfigError) as info:
+        to_offload_config(data)
+    message = str(info.value)
+    assert message.startswith(f"{key}: ")
+    for fragment in fragments:
+        assert fragment in message
+    assert "pydantic" not in message
+
+
+def test_several_problems_give_one_line_each():
+    with pytest.raises(OffloadConfigError) as info:
+        to_offload_config({"uva": {"cpu_offload_gb": -1}, "prefetch": {"offload_group_size": -1}})
+    assert [key for key, _ in info.value.problems] == [
+        "offload.uva.cpu_offload_gb",
+        "offload.prefetch.offload_group_size",
+    ]
+    assert len(str(info.value).splitlines()) == 2
+
+
+def test_error_prefix_follows_the_key_argument():
+    with pytest.raises(OffloadConfigError, match=r"^model\.offload\.uva\.cpu_offload_gb: "):
+        to_offload_config({"uva": {"cpu_offload_gb": -1}}, key="model.offload")
+
+
+def test_a_non_mapping_is_refused():
+    with pytest.raises(OffloadConfigError, match="expected a mapping"):
+        to_offload_config(["uva"])
+
+
+@pytest.fixture
+def plain_app(tmp_path: Path) -> Path:
+    """The plain app copied outside the source tree, so only the installed package serves it."""
+    target = tmp_path / "app"
+    shutil.copytree(APP_DIR, target)
+    return target
+
+
+def run_app(app: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(app / "app.py"), f"hydra.run.dir={app / 'out'}", *overrides],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_any_hydra_app_finds_the_group_through_the_installed_plugin(plain_app):
+    result = run_app(plain_app, "offload=prefetch", "offload.prefetch.offload_group_size=8")
+    assert result.returncode == 0, result.stderr
+    composed = OmegaConf.create(result.stdout)
+    assert composed.offload.offload_backend == "prefetch"
+    assert composed.offload.prefetch.offload_group_size == 8
+    assert composed.app_name == "plain-hydra-app"
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("offload.prefetch.offload_group_size=abc", "offload.prefetch.offload_group_size"),
+        ("offload.prefetch.offload_group_sise=3", "offload_group_sise"),
+    ],
+)
+def test_the_plain_app_gets_type_errors_at_compose_time(plain_app, override, fragment):
+    result = run_app(plain_app, "offload=prefetch", override)
+    assert result.returncode != 0
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
