@@ -65,7 +65,7 @@ def render_plan(plan: OffloadPlan) -> RenderableType:
     for stack in plan.stacks:
         label = stack.path or "<root>"
         table.add_row(
-            f"stack {label}",
+            f"layer stack {label!r}",
             f"{len(stack.offloaded_layers)} of {stack.num_layers} layers offloaded: "
             f"{format_indices(stack.offloaded_layers)}",
         )

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
-import warnings
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
@@ -42,6 +39,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from hydra_offload._warnings import warn_at_caller
 
 __all__ = [
     "OffloadBackend",
@@ -78,28 +77,6 @@ class OffloadConfigWarning(UserWarning):
         >>> caught[0].category is OffloadConfigWarning
         True
     """
-
-
-def _caller_stacklevel() -> int:
-    """Return the ``stacklevel`` that makes a warning point at the first frame outside the
-    libraries that validate a config (this package, pydantic, OmegaConf and Hydra)."""
-    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    skipped = (package_dir, *_validation_dirs())
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(skipped):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
-def _validation_dirs() -> list[str]:
-    dirs = []
-    for name in ("pydantic", "omegaconf", "hydra"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "__file__", None):
-            dirs.append(os.path.dirname(module.__file__) + os.sep)
-    return dirs
 
 
 def _segments(field: str, value: Any) -> frozenset[str]:
@@ -327,7 +304,7 @@ class OffloadConfig(_Frozen):
                 )
         message = self._conflict()
         if message:
-            warnings.warn(message, OffloadConfigWarning, stacklevel=_caller_stacklevel())
+            warn_at_caller(message, OffloadConfigWarning)
         return self
 
     def _conflict(self) -> str | None:

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import io
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, ResolvedBackend
 from hydra_offload.selection import matches_any, unmatched_patterns
 from hydra_offload.stacks import LayerStack, StackCandidate, find_layer_stacks
@@ -207,8 +207,8 @@ def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
     from hydra_offload.hydra import to_offload_config
 
     config = to_offload_config(config)
-    names = _parameter_names(model)
-    total = sum(_nbytes(p) for p in names)
+    aliases = _aliases(model)
+    total = sum(_nbytes(p) for p in aliases)
     backend = config.resolved_backend
     common: dict[str, Any] = {
         "backend": backend,
@@ -216,9 +216,9 @@ def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
         "total_param_bytes": total,
     }
     if backend == "uva":
-        return _plan_uva(config, names, common)
+        return _plan_uva(config, aliases, common)
     if backend == "prefetch":
-        return _plan_prefetch(model, config, names, common)
+        return _plan_prefetch(model, config, aliases, common)
     return OffloadPlan(
         layers=(), params=(), stacks=(), pool=(), candidates=(), budget_bytes=None,
         notes=(), **common,
@@ -229,12 +229,18 @@ def _nbytes(param: torch.Tensor) -> int:
     return param.numel() * param.element_size()
 
 
-def _parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
-    """Each distinct parameter and its canonical name (the first one registered)."""
-    names: dict[nn.Parameter, str] = {}
-    for name, param in model.named_parameters():
-        names.setdefault(param, name)
-    return names
+def _aliases(model: nn.Module) -> dict[nn.Parameter, list[str]]:
+    """Each distinct parameter, in ``named_parameters()`` order, with every name it is
+    registered under; the first is its canonical name (tied parameters have several)."""
+    aliases: dict[nn.Parameter, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases[param].append(name)
+    return dict(aliases)
+
+
+def _selected(patterns: frozenset[str], names: list[str]) -> bool:
+    """Whether a parameter known under ``names`` is selected by ``patterns``."""
+    return any(matches_any(patterns, name) for name in names)
 
 
 def _planned(name: str, param: torch.Tensor, **where: Any) -> PlannedParam:
@@ -248,8 +254,10 @@ def _planned(name: str, param: torch.Tensor, **where: Any) -> PlannedParam:
     )
 
 
-def _warn_unmatched(field: str, patterns: frozenset[str], names: list[str]) -> tuple[str, ...]:
-    missing = unmatched_patterns(patterns, names)
+def _warn_unmatched(
+    field: str, patterns: frozenset[str], aliases: dict[nn.Parameter, list[str]]
+) -> tuple[str, ...]:
+    missing = unmatched_patterns(patterns, (n for names in aliases.values() for n in names))
     if not missing:
         return ()
     note = (
@@ -257,32 +265,30 @@ def _warn_unmatched(field: str, patterns: frozenset[str], names: list[str]) -> t
         "whole dot-separated name segments ('experts' matches 'mlp.experts.w2_weight', "
         "'expert' does not)"
     )
-    warnings.warn(note, OffloadPlanWarning, stacklevel=3)
+    warn_at_caller(note, OffloadPlanWarning)
     return (note,)
 
 
 def _plan_uva(
-    config: OffloadConfig, names: dict[nn.Parameter, str], common: dict[str, Any]
+    config: OffloadConfig, aliases: dict[nn.Parameter, list[str]], common: dict[str, Any]
 ) -> OffloadPlan:
     budget = int(config.uva.cpu_offload_gb * GIB)
     patterns = config.uva.cpu_offload_params
-    notes = list(_warn_unmatched("offload.uva.cpu_offload_params", patterns, list(names.values())))
+    notes = list(_warn_unmatched("offload.uva.cpu_offload_params", patterns, aliases))
+    eligible = [(p, names[0]) for p, names in aliases.items() if _selected(patterns, names)]
     chosen: list[PlannedParam] = []
     used = 0
-    for param, name in names.items():
+    for param, name in eligible:
         if used >= budget:
             break
-        if not matches_any(patterns, name):
-            continue
         chosen.append(_planned(name, param))
         used += chosen[-1].nbytes
-    eligible = sum(_nbytes(p) for p, n in names.items() if matches_any(patterns, n))
     if budget == 0:
         notes.append("offload.uva.cpu_offload_gb is 0: nothing is offloaded")
-    elif used < budget:
+    elif eligible and used < budget:
         notes.append(
             f"the budget ({budget:,} bytes) exceeds what can be offloaded; all "
-            f"{eligible:,} eligible parameter bytes go to host memory"
+            f"{used:,} eligible parameter bytes go to host memory"
         )
     return OffloadPlan(
         layers=(), params=tuple(chosen), stacks=(), pool=(), candidates=(),
@@ -293,7 +299,7 @@ def _plan_uva(
 def _plan_prefetch(
     model: nn.Module,
     config: OffloadConfig,
-    names: dict[nn.Parameter, str],
+    aliases: dict[nn.Parameter, list[str]],
     common: dict[str, Any],
 ) -> OffloadPlan:
     settings = config.prefetch
@@ -303,12 +309,11 @@ def _plan_prefetch(
         settings.offload_prefetch_step,
     )
     choice = find_layer_stacks(model, config.layer_paths)
-    owners = _owners(model)
     notes: list[str] = []
+    shared_noted: set[nn.Parameter] = set()
     planned: list[PlannedParam] = []
     stack_plans: list[StackPlan] = []
     pool: list[PoolSlot] = []
-    selected_names: list[str] = []
     for stack in choice.stacks:
         layers = list(stack.module)
         chosen = [i for i in range(len(layers)) if i % group >= group - per_group]
@@ -317,15 +322,16 @@ def _plan_prefetch(
             prefix = stack.qualified(index)
             params = []
             for local, param in layers[index].named_parameters():
-                name = names[param]
-                selected_names.append(name)
-                if not matches_any(settings.offload_params, name):
+                name = aliases[param][0]
+                if not _selected(settings.offload_params, aliases[param]):
                     continue
-                outside = sorted(o for o in owners[param] if not _inside(o, prefix))
-                if outside:
-                    notes.append(
-                        f"{name} stays on the device: it is shared with {', '.join(outside)}"
-                    )
+                if any(not _inside(alias, prefix) for alias in aliases[param]):
+                    if param not in shared_noted:
+                        shared_noted.add(param)
+                        notes.append(
+                            f"{name} stays on the device: it is registered as "
+                            f"{', '.join(aliases[param])}, not inside one layer"
+                        )
                     continue
                 params.append(_planned(name, param, stack=stack.path, layer=index,
                                        local_name=local))  # fmt: skip
@@ -348,8 +354,13 @@ def _plan_prefetch(
                 f"{stack.path or '<root>'} has {len(layers)} layers, fewer than "
                 f"offload_group_size ({group}): none is offloaded"
             )
-    notes += _warn_unmatched("offload.prefetch.offload_params", settings.offload_params,
-                             selected_names)  # fmt: skip
+    unmatched = _warn_unmatched("offload.prefetch.offload_params", settings.offload_params, aliases)
+    notes += unmatched
+    if settings.offload_params and not planned and not unmatched:
+        notes.append(
+            "offload.prefetch.offload_params matches no parameter of the offloaded layers: "
+            "nothing is offloaded"
+        )
     if step < per_group:
         notes.append(
             f"offload_prefetch_step ({step}) < offload_num_in_group ({per_group}): adjacent "
@@ -363,21 +374,13 @@ def _plan_prefetch(
             "is saved: lower offload_prefetch_step or offload_group_size, or offload more "
             "layers"
         )
-    order = {name: i for i, name in enumerate(names.values())}
+    order = {names[0]: i for i, names in enumerate(aliases.values())}
     planned.sort(key=lambda p: order[p.name])
     return OffloadPlan(
         layers=tuple(s.path for s in choice.stacks), params=tuple(planned),
         stacks=tuple(stack_plans), pool=tuple(pool), candidates=choice.candidates,
         budget_bytes=None, notes=tuple(notes), **common,
     )  # fmt: skip
-
-
-def _owners(model: nn.Module) -> dict[nn.Parameter, list[str]]:
-    """Every name under which each parameter is registered (tied ones have several)."""
-    owners: dict[nn.Parameter, list[str]] = defaultdict(list)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners[param].append(name)
-    return owners
 
 
 def _inside(name: str, prefix: str) -> bool:
