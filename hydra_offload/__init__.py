@@ -8,6 +8,8 @@ The public API:
   errors (:class:`OffloadConfigError`) that name the dotted key.
 - :func:`plan_offload` -> :class:`OffloadPlan`: what would move where, computed without
   touching weights (works on ``meta`` models).
+- :func:`apply_offload` -> :class:`OffloadHandle`: the plan carried out on a live model by
+  the UVA or prefetch backend; ``handle.stats`` (:class:`OffloadStats`), ``handle.remove()``.
 
 Names that need torch are imported on first use, so the Hydra plugin (which imports this
 package to register the config schema) does not load torch into every Hydra app.
@@ -33,12 +35,17 @@ from hydra_offload.config import (
 from hydra_offload.hydra import OffloadConfigError, to_offload_config
 
 if TYPE_CHECKING:
+    from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
     from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
     from hydra_offload.stacks import LayerStackError
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "OffloadError": "hydra_offload.offload",
+    "OffloadHandle": "hydra_offload.offload",
+    "OffloadStats": "hydra_offload.offload",
+    "apply_offload": "hydra_offload.offload",
     "OffloadPlan": "hydra_offload.plan",
     "OffloadPlanWarning": "hydra_offload.plan",
     "plan_offload": "hydra_offload.plan",
@@ -47,6 +54,10 @@ _LAZY = {
 
 __all__ = [
     "LayerStackError",
+    "OffloadError",
+    "OffloadHandle",
+    "OffloadStats",
+    "apply_offload",
     "OffloadBackend",
     "OffloadConfig",
     "OffloadConfigError",

@@ -12,7 +12,12 @@ MODULES = [
     "hydra_offload.config",
     "hydra_offload.hydra",
     "hydra_offload.models.decoder",
+    "hydra_offload.offload",
     "hydra_offload.plan",
+    "hydra_offload.runtime.device",
+    "hydra_offload.runtime.host",
+    "hydra_offload.runtime.params",
+    "hydra_offload.runtime.pool",
     "hydra_offload.selection",
     "hydra_offload.stacks",
 ]

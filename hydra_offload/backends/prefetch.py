@@ -1,0 +1,267 @@
+"""The prefetch backend: offloaded layers' weights stream through a static device pool.
+
+Each offloaded parameter's ``.data`` points at a slot of the :class:`BufferPool` for the whole
+offload. Per layer stack, a ring walks the offloaded layers: when offloaded layer ``j``
+finishes, the copy of offloaded layer ``(j + step) mod n`` into the slots ``j`` just used is
+queued on the copy stream, after an event that marks the end of ``j``'s compute. Before a
+layer computes, the compute stream waits (on the device, never on the host) for the event
+that ends that layer's copy.
+
+Every slot records which layer it holds. A layer whose slots hold anything else when it is
+called (layers skipped, called twice, out of order, after a forward that raised) loads its
+weights on demand first, and ``stats.stalls`` counts it. Nothing depends on layers running
+in registration order.
+
+``state_dict()`` reports the true weights from host storage and ``load_state_dict()`` writes
+into host storage, so checkpoints never see a slot's contents.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hydra_offload.plan import OffloadPlan
+from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot
+from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
+
+__all__ = ["PrefetchOffload"]
+
+
+class _Layer:
+    """An offloaded layer: the (slot, host tensor) pairs its load copies."""
+
+    __slots__ = ("copies", "nbytes", "next_users", "ready", "slots")
+
+    def __init__(self, copies: list[tuple[Slot, torch.Tensor]]) -> None:
+        self.copies = copies
+        self.slots = [slot for slot, _ in copies]
+        self.nbytes = sum(host.numel() * host.element_size() for _, host in copies)
+        self.ready: Any = None
+        self.next_users: list[_Layer] = []
+        """The layers that use this layer's slots next, in ring order: what to prefetch
+        once this layer is done."""
+
+
+class _Ring:
+    """The offloaded layers of one stack, in stack order, and their prefetch schedule.
+
+    Layer ``j`` uses slot position ``j % step`` (see the plan), so the next user of the
+    slots ``j`` frees is offloaded layer ``j + step``, wrapping around at the end of the
+    stack: the copy for the next forward starts during this one.
+    """
+
+    def __init__(
+        self,
+        layers: list[_Layer],
+        runtime: DeviceRuntime,
+        copy_stream: Any,
+        counters: Counters,
+    ) -> None:
+        self.layers = layers
+        self.runtime = runtime
+        self.copy_stream = copy_stream
+        self.counters = counters
+        users: dict[int, list[int]] = defaultdict(list)
+        for position, layer in enumerate(layers):
+            for slot in layer.slots:
+                users[id(slot)].append(position)
+        for position, layer in enumerate(layers):
+            following: list[_Layer] = []
+            for slot in layer.slots:
+                order = users[id(slot)]
+                nxt = layers[order[(order.index(position) + 1) % len(order)]]
+                if nxt is not layer and nxt not in following:
+                    following.append(nxt)
+            layer.next_users = following
+
+    @staticmethod
+    def holds(layer: _Layer) -> bool:
+        return all(slot.owner is layer for slot in layer.slots)
+
+    @staticmethod
+    def can_fill(layer: _Layer) -> bool:
+        """Whether loading ``layer`` now overwrites nothing a pending layer still needs."""
+        return all(s.owner is None or s.owner is layer or s.used for s in layer.slots)
+
+    def load(self, layer: _Layer) -> None:
+        """Queue the copy of ``layer``'s weights into its slots on the copy stream."""
+        stream = self.copy_stream
+        with stream:
+            for slot in layer.slots:
+                if slot.free is not None:
+                    stream.wait_event(slot.free)  # compute is done with the old contents
+            for slot, host in layer.copies:
+                slot.tensor.copy_(host, non_blocking=True)
+            ready = stream.record_event()
+        for slot in layer.slots:
+            slot.owner = layer
+            slot.ready = ready
+            slot.used = False
+        layer.ready = ready
+        self.counters.loads += 1
+        self.counters.h2d_bytes += layer.nbytes
+
+    def before(self, position: int, module: nn.Module, args: Any) -> None:
+        layer = self.layers[position]
+        if not self.holds(layer):
+            self.counters.stalls += 1
+            self.load(layer)
+        self.runtime.current_stream().wait_event(layer.ready)
+
+    def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
+        layer = self.layers[position]
+        done = self.runtime.current_stream().record_event()
+        for slot in layer.slots:
+            slot.free = done
+            slot.used = True
+        for upcoming in layer.next_users:
+            if not self.holds(upcoming) and self.can_fill(upcoming):
+                self.load(upcoming)
+
+    def preload(self) -> None:
+        """Fill the empty slots with the first offloaded layers, as the wrap-around would."""
+        for layer in self.layers:
+            if not self.holds(layer) and all(s.owner is None for s in layer.slots):
+                self.load(layer)
+
+    @staticmethod
+    def invalidate(layer: _Layer) -> None:
+        """Forget what ``layer``'s slots hold (their contents were overwritten)."""
+        for slot in layer.slots:
+            slot.owner = None
+
+
+class PrefetchOffload:
+    """The installed prefetch offload of one model (see :func:`hydra_offload.apply_offload`)."""
+
+    def __init__(
+        self, model: nn.Module, plan: OffloadPlan, runtime: DeviceRuntime, counters: Counters
+    ) -> None:
+        self.runtime = runtime
+        self.counters = counters
+        self._hooks: list[RemovableHandle] = []
+        params = dict(model.named_parameters())
+        self.staged: Staged = stage_to_host(
+            [(p.name, params[p.name]) for p in plan.params],
+            pin_for=runtime.device if runtime.is_cuda else None,
+        )
+        if runtime.is_cuda and not all(e.host.is_pinned() for e in self.staged.params):
+            self.staged.storage.free()
+            raise RuntimeError("host storage is not page-locked: async copies would be unsafe")
+        swapped = False
+        try:
+            # Point the parameters at host storage first, so their device memory is released
+            # before the pool is allocated (peak = max, not sum).
+            point_at([(e.param, e.host) for e in self.staged.params])
+            swapped = True
+            self.pool = BufferPool(
+                [(s.shape, s.stride, s.dtype, s.count) for s in plan.pool], runtime.device
+            )
+            self._install(model, plan)
+        except BaseException:
+            self._uninstall(restore_params=swapped)
+            raise
+
+    def _install(self, model: nn.Module, plan: OffloadPlan) -> None:
+        entry_of = {
+            (s.stack, s.local_name, s.shape, s.stride, s.dtype): slots
+            for s, slots in zip(plan.pool, self.pool.slots, strict=True)
+        }
+        host_of = {e.name: e for e in self.staged.params}
+        by_layer: dict[tuple[str, int], list[Any]] = defaultdict(list)
+        for p in plan.params:
+            by_layer[(p.stack, p.layer)].append(p)
+        copy_stream = self.runtime.new_stream()
+        # The pool's memory may have been used by compute just before; copies go after it.
+        copy_stream.wait_stream(self.runtime.current_stream())
+        self.rings: list[_Ring] = []
+        for stack_plan in plan.stacks:
+            stack = model.get_submodule(stack_plan.path) if stack_plan.path else model
+            layers = []
+            for index in stack_plan.offloaded_layers:
+                copies = []
+                for p in by_layer[(stack_plan.path, index)]:
+                    key = (p.stack, p.local_name, p.shape, p.stride, p.dtype)
+                    slot = entry_of[key][p.slot or 0]
+                    entry = host_of[p.name]
+                    entry.param.data = slot.tensor
+                    copies.append((slot, entry.host))
+                layers.append(_Layer(copies))
+            ring = _Ring(layers, self.runtime, copy_stream, self.counters)
+            self.rings.append(ring)
+            for position, index in enumerate(stack_plan.offloaded_layers):
+                module = stack[index]
+                self._hook_layer(module, ring, position, by_layer[(stack_plan.path, index)])
+            ring.preload()
+        # The preload belongs to setup, not to any forward: count from here.
+        self.counters.loads = self.counters.h2d_bytes = 0
+
+    def _hook_layer(self, module: nn.Module, ring: _Ring, position: int, planned: list) -> None:
+        layer = ring.layers[position]
+        hosts = {p.local_name: host for p, (_, host) in zip(planned, layer.copies, strict=True)}
+        self._hooks += [
+            module.register_forward_pre_hook(partial(ring.before, position)),
+            module.register_forward_hook(partial(ring.after, position), always_call=True),
+            module.register_state_dict_post_hook(partial(_true_weights, hosts)),
+            module.register_load_state_dict_pre_hook(partial(_load_into_host, hosts)),
+            module.register_load_state_dict_post_hook(partial(self._after_load, ring, layer)),
+        ]
+
+    def _after_load(self, ring: _Ring, layer: _Layer, module: nn.Module, keys: Any) -> None:
+        # The default loader also copied into the slots (which other layers may own):
+        # wait for that copy, then make every layer sharing them reload from the host.
+        self.runtime.synchronize()
+        ring.invalidate(layer)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool.nbytes if hasattr(self, "pool") else 0
+
+    def remove(self) -> None:
+        self._uninstall(restore_params=True)
+
+    def _uninstall(self, *, restore_params: bool) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.runtime.synchronize()  # no copy may still be writing into the pool
+        if restore_params:
+            restore(self.staged.params)
+        if hasattr(self, "pool"):
+            self.pool.release()
+        self.rings = []
+        self.staged.storage.free()
+
+
+def _true_weights(
+    hosts: dict[str, torch.Tensor], module: nn.Module, state: dict, prefix: str, meta: Any
+) -> None:
+    for local, host in hosts.items():
+        key = prefix + local
+        if key in state and not isinstance(state[key], nn.Parameter):
+            state[key] = host.detach()
+
+
+def _load_into_host(
+    hosts: dict[str, torch.Tensor],
+    module: nn.Module,
+    state: dict,
+    prefix: str,
+    meta: Any,
+    strict: bool,
+    missing: list,
+    unexpected: list,
+    errors: list,
+) -> None:
+    with torch.no_grad():
+        for local, host in hosts.items():
+            value = state.get(prefix + local)
+            if isinstance(value, torch.Tensor) and value.shape == host.shape:
+                host.copy_(value)

@@ -1,0 +1,117 @@
+"""The UVA backend: selected weights live in host memory and kernels read them there.
+
+Three ways to serve a module its offloaded weights, chosen at apply time:
+
+- ``zero_copy`` (CUDA): the parameter's ``.data`` becomes a CUDA tensor whose address is the
+  page-locked host memory (unified virtual addressing). Kernels read the weights over the
+  interconnect; module code is untouched and nothing is copied per forward.
+- ``host`` (CPU compute device): the parameter's ``.data`` is the host tensor itself; the CPU
+  reads it directly, which is the same arrangement without a device in between.
+- ``copy``: where no zero-copy view can be made (another accelerator) or when asked with
+  ``zero_copy=False``: between forwards ``.data`` points at host memory; a pre-forward hook on
+  each module that owns offloaded weights gives them a fresh device copy, and the
+  post-forward hook points them back at host memory, releasing the copy.
+
+Tied parameters are offloaded once; every module that shares them sees the same parameter.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hydra_offload.plan import OffloadPlan
+from hydra_offload.runtime import DeviceRuntime
+from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.params import OffloadedParam, Staged, point_at, restore, stage_to_host
+
+__all__ = ["UVAMode", "UVAOffload"]
+
+UVAMode = Literal["zero_copy", "host", "copy"]
+
+
+class UVAOffload:
+    """The installed UVA offload of one model (see :func:`hydra_offload.apply_offload`)."""
+
+    pool_bytes = 0
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: OffloadPlan,
+        runtime: DeviceRuntime,
+        counters: Counters,
+        *,
+        zero_copy: bool | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.counters = counters
+        self._hooks: list[RemovableHandle] = []
+        self.mode: UVAMode = _choose_mode(runtime, zero_copy)
+        params = dict(model.named_parameters())
+        self.staged: Staged = stage_to_host(
+            [(p.name, params[p.name]) for p in plan.params],
+            pin_for=runtime.device if self.mode == "zero_copy" else None,
+        )
+        try:
+            if self.mode == "zero_copy":
+                views = self.staged.storage.device_views(runtime.device)
+                point_at([(e.param, v) for e, v in zip(self.staged.params, views, strict=True)])
+            else:
+                point_at([(e.param, e.host) for e in self.staged.params])
+            if self.mode == "copy":
+                self._hook_owners(model)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _hook_owners(self, model: nn.Module) -> None:
+        entry_of = {id(e.param): e for e in self.staged.params}
+        for module in model.modules():
+            owned = [entry_of[id(p)] for p in module._parameters.values() if id(p) in entry_of]
+            if owned:
+                self._hooks += [
+                    module.register_forward_pre_hook(partial(self._fetch, owned)),
+                    module.register_forward_hook(partial(self._release, owned), always_call=True),
+                ]
+
+    def _fetch(self, owned: list[OffloadedParam], module: nn.Module, args: Any) -> None:
+        device = self.runtime.device
+        for entry in owned:
+            copy = torch.empty_strided(
+                entry.host.shape, entry.host.stride(), dtype=entry.host.dtype, device=device
+            )
+            copy.copy_(entry.host, non_blocking=True)
+            entry.param.data = copy
+            self.counters.h2d_bytes += entry.host.numel() * entry.host.element_size()
+        self.counters.loads += 1
+
+    @staticmethod
+    def _release(owned: list[OffloadedParam], module: nn.Module, args: Any, out: Any) -> None:
+        for entry in owned:
+            entry.param.data = entry.host
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.runtime.synchronize()
+        restore(self.staged.params)
+        self.staged.storage.free()
+
+
+def _choose_mode(runtime: DeviceRuntime, zero_copy: bool | None) -> UVAMode:
+    if not runtime.is_accelerator:
+        return "copy" if zero_copy is False else "host"
+    if runtime.is_cuda and zero_copy is not False:
+        return "zero_copy"
+    if zero_copy:
+        raise ValueError(
+            f"zero_copy=True needs a CUDA device; {runtime.device} has no zero-copy view of "
+            "host memory (use zero_copy=None to fall back to per-forward copies)"
+        )
+    return "copy"

@@ -1,0 +1,265 @@
+"""Applying an offload to a live model, and taking it off again.
+
+Example:
+    >>> import torch
+    >>> from hydra_offload import apply_offload
+    >>> from hydra_offload.models import DecoderLM
+    >>> model = DecoderLM(num_layers=4).eval()
+    >>> ids = torch.randint(0, 1024, (2, 16))
+    >>> expected = model(ids)
+    >>> with apply_offload(model, {"prefetch": {"offload_group_size": 2}}) as handle:
+    ...     torch.equal(model(ids), expected)
+    True
+    >>> handle.stats.stalls, handle.active
+    (0, False)
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hydra_offload._warnings import warn_at_caller
+from hydra_offload.config import OffloadConfig, ResolvedBackend
+from hydra_offload.hydra import to_offload_config
+from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
+from hydra_offload.runtime import DeviceRuntime
+from hydra_offload.runtime.counters import Counters
+
+__all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload"]
+
+# Every module of every model with an active offload, so a second apply is refused.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, OffloadHandle] = weakref.WeakKeyDictionary()
+
+
+class OffloadError(RuntimeError):
+    """The offload cannot be applied to this model as it is; the model was not modified."""
+
+
+@dataclass(frozen=True)
+class OffloadStats:
+    """A snapshot of what an offload costs and does.
+
+    Attributes:
+        backend: the backend in use.
+        offloaded_bytes: parameter bytes kept in host memory.
+        device_bytes_saved: device memory freed: measured from the device allocator when the
+            offloaded parameters lived on the compute device (``measured``), else the plan's
+            figure (offloaded bytes minus the pool).
+        measured: whether ``device_bytes_saved`` comes from the allocator.
+        host_bytes: bytes of host storage allocated (tensors plus alignment padding).
+        host_bytes_pinned: of those, bytes page-locked with the CUDA runtime (0 on CPU).
+        pool_bytes: bytes of the prefetch device buffer pool.
+        forwards: forward calls of the model since the offload was applied.
+        h2d_bytes: bytes copied from host storage to the device in total.
+        h2d_bytes_per_forward: ``h2d_bytes / forwards`` (``None`` before the first forward).
+        loads: copies issued (prefetch: layer loads; UVA copy mode: module fetches).
+        stalls: prefetch loads made on demand because a layer ran while its slots held other
+            weights (0 when layers run in the planned order).
+        wait_ms: time the compute stream waited for copies (CUDA, from events; else 0).
+    """
+
+    backend: ResolvedBackend
+    offloaded_bytes: int
+    device_bytes_saved: int
+    measured: bool
+    host_bytes: int
+    host_bytes_pinned: int
+    pool_bytes: int
+    forwards: int
+    h2d_bytes: int
+    h2d_bytes_per_forward: float | None
+    loads: int
+    stalls: int
+    wait_ms: float
+
+
+class OffloadHandle:
+    """An offload applied to a model: its plan, its live statistics, and ``remove()``.
+
+    Also a context manager: leaving the ``with`` block removes the offload.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: OffloadPlan,
+        runtime: DeviceRuntime,
+        installed: Any,
+        counters: Counters,
+        saved: int | None,
+    ) -> None:
+        self.plan = plan
+        self.device = runtime.device
+        self._model_ref = weakref.ref(model)
+        self._installed = installed
+        self._counters = counters
+        self._saved = saved
+        self._root_hook = model.register_forward_pre_hook(self._count_forward)
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        self._counters.forwards += 1
+
+    @property
+    def active(self) -> bool:
+        """Whether the offload is still applied."""
+        return self._installed is not None
+
+    @property
+    def stats(self) -> OffloadStats:
+        """What the offload costs and has done so far (a snapshot)."""
+        c, installed = self._counters, self._installed
+        staged = getattr(installed, "staged", None)
+        storage = staged.storage if staged is not None else None
+        return OffloadStats(
+            backend=self.plan.backend,
+            offloaded_bytes=self.plan.offloaded_bytes,
+            device_bytes_saved=(
+                self._saved if self._saved is not None else self.plan.device_bytes_saved
+            ),
+            measured=self._saved is not None,
+            host_bytes=storage.nbytes if storage is not None else 0,
+            host_bytes_pinned=storage.pinned_bytes if storage is not None else 0,
+            pool_bytes=installed.pool_bytes if installed is not None else 0,
+            forwards=c.forwards,
+            h2d_bytes=c.h2d_bytes,
+            h2d_bytes_per_forward=c.h2d_bytes / c.forwards if c.forwards else None,
+            loads=c.loads,
+            stalls=c.stalls,
+            wait_ms=c.wait_ms,
+        )
+
+    def remove(self) -> None:
+        """Restore the model: same parameter objects, values, devices and dtypes; no hooks.
+
+        Calling it again does nothing.
+        """
+        if self._installed is None:
+            return
+        self._root_hook.remove()
+        self._installed.remove()
+        self._installed = None
+        model = self._model_ref()
+        if model is not None:
+            for module in model.modules():
+                if _ACTIVE.get(module) is self:
+                    del _ACTIVE[module]
+
+    def __enter__(self) -> OffloadHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"OffloadHandle({self.plan.backend}, {len(self.plan.params)} params, {state})"
+
+
+def apply_offload(
+    model: nn.Module,
+    config: OffloadConfig | Any,
+    device: torch.device | str | None = None,
+    *,
+    zero_copy: bool | None = None,
+) -> OffloadHandle:
+    """Offload part of ``model``'s weights to host memory, as ``config`` says.
+
+    Args:
+        model: the model; offloaded parameters may be on the compute device or on the CPU.
+        config: an :class:`OffloadConfig`, ``DictConfig`` or ``dict``.
+        device: the compute device layers run on; ``None``: the device of the model's first
+            parameter. Parameters that are not offloaded are left where they are.
+        zero_copy: UVA only. ``None``: zero-copy views on CUDA, per-forward copies on other
+            accelerators; ``False``: always per-forward copies; ``True``: zero-copy or error.
+
+    Returns:
+        The handle: ``plan``, ``stats``, ``remove()``; a context manager.
+
+    Raises:
+        OffloadError: the model already carries an offload, or has offloaded parameters
+            on the meta device. The model is not modified.
+        hydra_offload.OffloadConfigError: the configuration is invalid.
+        hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
+
+    A failure half-way (host or device memory exhausted) restores the model before raising.
+    """
+    config = to_offload_config(config)
+    for module in model.modules():
+        if module in _ACTIVE:
+            raise OffloadError(
+                f"{type(model).__name__} already has an offload applied "
+                f"({_ACTIVE[module]!r}); call remove() on that handle first"
+            )
+    plan = plan_offload(model, config)
+    params = dict(model.named_parameters())
+    meta = [p.name for p in plan.params if params[p.name].is_meta]
+    if meta:
+        raise OffloadError(
+            f"{len(meta)} parameter(s) to offload are on the meta device (not materialized), "
+            f"e.g. {meta[0]}; load the weights (or to_empty() and initialize) first"
+        )
+    runtime = DeviceRuntime(_compute_device(model, device))
+    counters = Counters()
+    saved = None
+    if not plan.params:
+        if plan.backend != "none":
+            warn_at_caller(
+                "the offload plan selects no parameter: nothing is offloaded "
+                f"({'; '.join(plan.notes) or 'empty selection'})",
+                OffloadPlanWarning,
+            )
+        installed: Any = _Nothing()
+    else:
+        on_device = all(params[p.name].device == runtime.device for p in plan.params)
+        before = runtime.memory_allocated()
+        installed = _install(model, plan, runtime, counters, zero_copy)
+        after = runtime.memory_allocated()
+        if on_device and before is not None and after is not None:
+            saved = before - after
+    handle = OffloadHandle(model, plan, runtime, installed, counters, saved)
+    for module in model.modules():
+        _ACTIVE[module] = handle
+    return handle
+
+
+def _install(
+    model: nn.Module,
+    plan: OffloadPlan,
+    runtime: DeviceRuntime,
+    counters: Counters,
+    zero_copy: bool | None,
+) -> Any:
+    if plan.backend == "uva":
+        from hydra_offload.backends.uva import UVAOffload
+
+        return UVAOffload(model, plan, runtime, counters, zero_copy=zero_copy)
+    from hydra_offload.backends.prefetch import PrefetchOffload
+
+    return PrefetchOffload(model, plan, runtime, counters)
+
+
+class _Nothing:
+    """The installed offload of an empty plan."""
+
+    pool_bytes = 0
+    staged = None
+
+    def remove(self) -> None:
+        return None
+
+
+def _compute_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        return resolved
+    for param in model.parameters():
+        if not param.is_meta:
+            return param.device
+    return torch.device("cpu")

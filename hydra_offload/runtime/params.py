@@ -1,0 +1,86 @@
+"""Moving parameters between their home and host storage, and back, by swapping ``.data``.
+
+The parameter objects stay the same throughout (optimizers, tied weights and user references
+keep working); only the tensor each one's ``.data`` points at changes.
+
+Example:
+    >>> import torch
+    >>> linear = torch.nn.Linear(2, 2)
+    >>> weight, before = linear.weight, linear.weight.detach().clone()
+    >>> staged = stage_to_host([("weight", linear.weight)], pin_for=None)
+    >>> staged.params[0].host.data_ptr() != before.data_ptr()
+    True
+    >>> restore(staged.params)
+    >>> linear.weight is weight and torch.equal(linear.weight, before)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hydra_offload.runtime.host import HostStorage
+
+__all__ = ["OffloadedParam", "Staged", "restore", "stage_to_host"]
+
+
+@dataclass
+class OffloadedParam:
+    """One parameter under offload: where its true weights live and where it came from."""
+
+    name: str
+    param: nn.Parameter
+    host: torch.Tensor
+    """The true weights, in host storage (same shape, stride and dtype as the parameter)."""
+    home: torch.device
+    """The device the parameter lived on before offloading; ``restore`` puts it back there."""
+
+
+@dataclass
+class Staged:
+    storage: HostStorage
+    params: list[OffloadedParam]
+
+
+def stage_to_host(
+    params: Sequence[tuple[str, nn.Parameter]], *, pin_for: torch.device | None
+) -> Staged:
+    """Copy each parameter's values into one new :class:`HostStorage`; the model is unchanged.
+
+    Raises:
+        RuntimeError: host memory could not be allocated or page-locked (nothing is kept).
+    """
+    layouts = [(tuple(p.shape), tuple(p.stride()), p.dtype) for _, p in params]
+    storage = HostStorage(layouts, pin_for=pin_for)
+    staged = []
+    try:
+        with torch.no_grad():
+            for (name, param), host in zip(params, storage.tensors, strict=True):
+                host.copy_(param.detach())
+                staged.append(OffloadedParam(name, param, host, param.device))
+    except BaseException:
+        storage.free()
+        raise
+    return Staged(storage, staged)
+
+
+def point_at(entries: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Make each parameter's ``.data`` the given tensor."""
+    for param, tensor in entries:
+        param.data = tensor
+
+
+def restore(params: Sequence[OffloadedParam]) -> None:
+    """Give each parameter its own tensor again on its home device, values from the host."""
+    with torch.no_grad():
+        for entry in params:
+            host = entry.host
+            home = torch.empty_strided(
+                host.shape, host.stride(), dtype=host.dtype, device=entry.home
+            )
+            home.copy_(host)
+            entry.param.data = home
