@@ -9,9 +9,10 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from hydra_offload.offload import OffloadStats
     from hydra_offload.plan import OffloadPlan
 
-__all__ = ["format_bytes", "format_indices", "render_plan"]
+__all__ = ["format_bytes", "format_indices", "render_plan", "render_stats"]
 
 
 def format_bytes(n: int) -> str:
@@ -99,3 +100,29 @@ def render_plan(plan: OffloadPlan) -> RenderableType:
     for note in plan.notes:
         parts.append(Text(f"note: {note}"))
     return Group(*parts)
+
+
+def render_stats(stats: OffloadStats, step_ms: float | None = None) -> RenderableType:
+    """The live figures of an applied offload as a two-column table."""
+    table = Table(title=f"Offload stats: {stats.backend}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    saved = format_bytes(stats.device_bytes_saved)
+    table.add_row("device bytes saved", saved + (" (measured)" if stats.measured else " (plan)"))
+    table.add_row("bytes offloaded", format_bytes(stats.offloaded_bytes))
+    table.add_row("host bytes allocated", format_bytes(stats.host_bytes))
+    table.add_row("host bytes page-locked", format_bytes(stats.host_bytes_pinned))
+    table.add_row("device buffer pool", format_bytes(stats.pool_bytes))
+    table.add_row("forwards", f"{stats.forwards:,}")
+    per_forward = stats.h2d_bytes_per_forward
+    table.add_row(
+        "H2D bytes per forward", "-" if per_forward is None else format_bytes(int(per_forward))
+    )
+    table.add_row("prefetch stalls", f"{stats.stalls:,}")
+    waited = "not measured" if stats.wait_ms is None else f"{stats.wait_ms:.3f} ms"
+    table.add_row("compute waited for copies", waited)
+    if step_ms is not None:
+        table.add_row("time per forward", f"{step_ms:.2f} ms")
+        if per_forward:
+            table.add_row("H2D GB/s", f"{per_forward / step_ms / 1e6:.2f}")
+    return table

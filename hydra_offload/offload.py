@@ -60,7 +60,8 @@ class OffloadStats:
         loads: copies issued (prefetch: layer loads; UVA copy mode: module fetches).
         stalls: prefetch loads made on demand because a layer ran while its slots held other
             weights (0 when layers run in the planned order).
-        wait_ms: time the compute stream waited for copies (CUDA, from events; else 0).
+        wait_ms: time the compute stream waited for copies, measured with CUDA events
+            (prefetch on CUDA); ``None`` where it is not measured.
     """
 
     backend: ResolvedBackend
@@ -75,7 +76,7 @@ class OffloadStats:
     h2d_bytes_per_forward: float | None
     loads: int
     stalls: int
-    wait_ms: float
+    wait_ms: float | None
 
 
 class OffloadHandle:
@@ -130,7 +131,7 @@ class OffloadHandle:
             h2d_bytes_per_forward=c.h2d_bytes / c.forwards if c.forwards else None,
             loads=c.loads,
             stalls=c.stalls,
-            wait_ms=c.wait_ms,
+            wait_ms=getattr(installed, "wait_ms", None),
         )
 
     def remove(self) -> None:

@@ -22,23 +22,46 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_default_run_plans_no_offload(tmp_path):
+def test_default_run_runs_the_model_without_offload(tmp_path):
     result = run(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resolved backend: none" in result.stdout
     assert "config hash: " in result.stdout
     assert "Offload plan: none" in result.stdout
+    assert "outputs identical to no offload: yes" in result.stdout
 
 
-def test_prefetch_with_a_group_size_override(tmp_path):
-    result = run(tmp_path, "offload=prefetch", "offload.prefetch.offload_group_size=8")
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["offload=prefetch", "offload.prefetch.offload_group_size=8"],
+            ["offload_group_size: 8", "2 of 16 layers offloaded: 7, 15", "prefetch stalls"],
+        ),
+        (
+            ["offload=uva", "offload.uva.cpu_offload_gb=0.01"],
+            ["Offload stats: uva", "device bytes saved"],
+        ),
+    ],
+)
+def test_each_backend_runs_the_model_with_identical_outputs(tmp_path, overrides, expected):
+    result = run(tmp_path, *overrides, "run.steps=2")
     assert result.returncode == 0, result.stderr
-    assert "offload_group_size: 8" in result.stdout
-    assert "2 of 16 layers offloaded: 7, 15" in result.stdout
+    for fragment in expected:
+        assert fragment in result.stdout
+    assert "H2D bytes per forward" in result.stdout
+    assert "outputs identical to no offload: yes" in result.stdout
+
+
+def test_dry_run_only_plans(tmp_path):
+    result = run(tmp_path, "+dry_run=true", "offload=prefetch")
+    assert result.returncode == 0, result.stderr
+    assert "Offload plan: prefetch" in result.stdout
+    assert "Offload stats" not in result.stdout
 
 
 def test_multirun_sweeps_the_three_options(tmp_path):
-    result = run(tmp_path, "-m", "offload=none,uva,prefetch")
+    result = run(tmp_path, "-m", "offload=none,uva,prefetch", "run.steps=1")
     assert result.returncode == 0, result.stderr
     for backend in ("none", "uva", "prefetch"):
         assert f"Offload plan: {backend}" in result.stdout
@@ -48,6 +71,7 @@ def test_multirun_sweeps_the_three_options(tmp_path):
 def test_a_7b_llama_shaped_model_is_planned_on_meta(tmp_path):
     result = run(tmp_path, "model=llama_7b_meta", "offload=prefetch")
     assert result.returncode == 0, result.stderr
+    assert "Offload stats" not in result.stdout
     # 6,738,415,616 bfloat16 parameters
     assert "(13,476,831,232 B)" in result.stdout
     assert "16 of 32 layers offloaded" in result.stdout

@@ -30,6 +30,7 @@ from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
+from hydra_offload.runtime.timing import WaitTimer
 
 __all__ = ["PrefetchOffload"]
 
@@ -65,6 +66,7 @@ class _Ring:
         counters: Counters,
     ) -> None:
         self.layers = layers
+        self.timer = WaitTimer(runtime.device, len(layers)) if runtime.is_cuda else None
         self.runtime = runtime
         self.copy_stream = copy_stream
         self.counters = counters
@@ -113,7 +115,10 @@ class _Ring:
         if not self.holds(layer):
             self.counters.stalls += 1
             self.load(layer)
-        self.runtime.current_stream().wait_event(layer.ready)
+        if self.timer is None:
+            self.runtime.current_stream().wait_event(layer.ready)
+        else:
+            self.timer.wait(position, self.runtime.current_stream(), layer.ready)
 
     def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
         layer = self.layers[position]
@@ -219,6 +224,12 @@ class PrefetchOffload:
         # wait for that copy, then make every layer sharing them reload from the host.
         self.runtime.synchronize()
         ring.invalidate(layer)
+
+    @property
+    def wait_ms(self) -> float | None:
+        """Time the compute stream waited for copies (CUDA only)."""
+        timers = [ring.timer for ring in self.rings if ring.timer is not None]
+        return sum(t.read() for t in timers) if timers else None
 
     @property
     def pool_bytes(self) -> int:

@@ -10,6 +10,8 @@ Parameter names follow Llama's (``layers.3.self_attn.q_proj.weight``,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,6 +88,8 @@ class DecoderLM(nn.Module):
         tie_embeddings: share one matrix between ``embed_tokens`` and ``lm_head``.
         dtype: parameter dtype, a ``torch.dtype`` or its name (``"bfloat16"``); ``None`` uses
             torch's default.
+        device: where to create the parameters (``"meta"`` allocates nothing); ``None`` uses
+            the current default device.
 
     Example:
         >>> import torch
@@ -109,6 +113,7 @@ class DecoderLM(nn.Module):
         intermediate_size: int = 704,
         tie_embeddings: bool = False,
         dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -121,6 +126,22 @@ class DecoderLM(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         torch_dtype = _as_dtype(dtype)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(
+                vocab_size, hidden_size, num_layers, num_heads, intermediate_size, torch_dtype
+            )
+        if tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _build(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        intermediate_size: int,
+        torch_dtype: torch.dtype | None,
+    ) -> None:
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size, dtype=torch_dtype)
         self.layers = nn.ModuleList(
             DecoderBlock(hidden_size, num_heads, intermediate_size, dtype=torch_dtype)
@@ -128,8 +149,6 @@ class DecoderLM(nn.Module):
         )
         self.norm = nn.RMSNorm(hidden_size, dtype=torch_dtype)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=torch_dtype)
-        if tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(batch, seq, vocab_size)`` for token ids ``(batch, seq)``."""

@@ -8,7 +8,7 @@ __all__ = ["Counters"]
 class Counters:
     """What happened since the offload was applied."""
 
-    __slots__ = ("forwards", "h2d_bytes", "loads", "stalls", "wait_ms")
+    __slots__ = ("forwards", "h2d_bytes", "loads", "stalls")
 
     def __init__(self) -> None:
         self.forwards = 0
@@ -19,5 +19,3 @@ class Counters:
         """Layer (prefetch) or module (UVA copy mode) loads issued."""
         self.stalls = 0
         """Prefetch: a layer ran while its slots held other weights and loaded on demand."""
-        self.wait_ms = 0.0
-        """Prefetch on CUDA: time the compute stream waited for copies, from events."""
