@@ -110,7 +110,33 @@ class _Ring:
         self.counters.loads += 1
         self.counters.h2d_bytes += layer.nbytes
 
+    # Under torch.compile the graph is split at each hook and the hook runs eagerly in
+    # between. Inside a graph, the copies into slots that several layers share would be
+    # invisible to the compiler, which could then move a layer's reads of its weights
+    # across them; functionalization would even write one layer's weights back into a slot
+    # that another layer owns by then.
     def before(self, position: int, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook of offloaded layer ``position``."""
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break()
+        self._eager_begin(position)
+
+    def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook of offloaded layer ``position`` (also called when it raised)."""
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break()
+        self._eager_end(position)
+
+    @torch.compiler.disable
+    def _eager_begin(self, position: int) -> None:
+        self.begin(position)
+
+    @torch.compiler.disable
+    def _eager_end(self, position: int) -> None:
+        self.end(position)
+
+    def begin(self, position: int) -> None:
+        """Make the compute stream wait for the layer's weights, loading them if needed."""
         layer = self.layers[position]
         if not self.holds(layer):
             self.counters.stalls += 1
@@ -120,7 +146,8 @@ class _Ring:
         else:
             self.timer.wait(position, self.runtime.current_stream(), layer.ready)
 
-    def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
+    def end(self, position: int) -> None:
+        """Mark the layer's slots free after its compute and start the next copies."""
         layer = self.layers[position]
         done = self.runtime.current_stream().record_event()
         for slot in layer.slots:
