@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload.plan import OffloadPlan
-from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot
+from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
 from hydra_offload.runtime.timing import WaitTimer
@@ -67,6 +67,7 @@ class _Ring:
     ) -> None:
         self.layers = layers
         self.timer = WaitTimer(runtime.device, len(layers)) if runtime.is_cuda else None
+        self.ring_id = ops.register_ring(self)
         self.runtime = runtime
         self.copy_stream = copy_stream
         self.counters = counters
@@ -110,29 +111,24 @@ class _Ring:
         self.counters.loads += 1
         self.counters.h2d_bytes += layer.nbytes
 
-    # Under torch.compile the graph is split at each hook and the hook runs eagerly in
-    # between. Inside a graph, the copies into slots that several layers share would be
-    # invisible to the compiler, which could then move a layer's reads of its weights
-    # across them; functionalization would even write one layer's weights back into a slot
-    # that another layer owns by then.
-    def before(self, position: int, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook of offloaded layer ``position``."""
+    def before(self, position: int, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Forward pre-hook of offloaded layer ``position`` (see :mod:`runtime.ops`)."""
         if torch.compiler.is_compiling():
-            torch._dynamo.graph_break()
-        self._eager_begin(position)
+            anchor = ops.first_tensor((args, kwargs))
+            if anchor is not None:
+                ops.layer_begin(anchor, self.ring_id, position)
+                return
+            torch._dynamo.graph_break()  # nothing to order the weights' reads after
+        self.begin(position)
 
     def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of offloaded layer ``position`` (also called when it raised)."""
         if torch.compiler.is_compiling():
+            anchor = ops.first_tensor(output)
+            if anchor is not None:
+                ops.layer_end(anchor, self.ring_id, position)
+                return
             torch._dynamo.graph_break()
-        self._eager_end(position)
-
-    @torch.compiler.disable
-    def _eager_begin(self, position: int) -> None:
-        self.begin(position)
-
-    @torch.compiler.disable
-    def _eager_end(self, position: int) -> None:
         self.end(position)
 
     def begin(self, position: int) -> None:
@@ -239,7 +235,7 @@ class PrefetchOffload:
         layer = ring.layers[position]
         hosts = {p.local_name: host for p, (_, host) in zip(planned, layer.copies, strict=True)}
         self._hooks += [
-            module.register_forward_pre_hook(partial(ring.before, position)),
+            module.register_forward_pre_hook(partial(ring.before, position), with_kwargs=True),
             module.register_forward_hook(partial(ring.after, position), always_call=True),
             module.register_state_dict_post_hook(partial(_true_weights, hosts)),
             module.register_load_state_dict_pre_hook(partial(_load_into_host, hosts)),
@@ -274,6 +270,8 @@ class PrefetchOffload:
             restore(self.staged.params)
         if hasattr(self, "pool"):
             self.pool.release()
+        for ring in getattr(self, "rings", []):
+            ops.unregister_ring(ring.ring_id)
         self.rings = []
         self.staged.storage.free()
 
