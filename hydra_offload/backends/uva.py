@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from hydra_offload._warnings import warn_at_caller
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
@@ -58,8 +59,8 @@ class UVAOffload:
             pin_for=runtime.device if self.mode == "zero_copy" else None,
         )
         try:
-            if self.mode == "zero_copy":
-                views = self.staged.storage.device_views(runtime.device)
+            views = self._zero_copy_views(zero_copy) if self.mode == "zero_copy" else None
+            if views is not None:
                 point_at([(e.param, v) for e, v in zip(self.staged.params, views, strict=True)])
             else:
                 point_at([(e.param, e.host) for e in self.staged.params])
@@ -68,6 +69,26 @@ class UVAOffload:
         except BaseException:
             self.remove()
             raise
+
+    def _zero_copy_views(self, required: bool | None) -> list[torch.Tensor] | None:
+        """Zero-copy views of host storage, checked to read the same bytes; on failure,
+        switch to copy mode (or raise, when zero-copy was required)."""
+        try:
+            views = self.staged.storage.device_views(self.runtime.device)
+            first = self.staged.params[0].host
+            if not torch.equal(views[0].cpu(), first):
+                raise RuntimeError("the zero-copy view does not read the host bytes")
+        except (RuntimeError, TypeError, ValueError) as err:
+            if required:
+                raise
+            warn_at_caller(
+                f"UVA zero-copy views are unavailable on {self.runtime.device} ({err}); "
+                "falling back to per-forward copies",
+                RuntimeWarning,
+            )
+            self.mode = "copy"
+            return None
+        return views
 
     def _hook_owners(self, model: nn.Module) -> None:
         entry_of = {id(e.param): e for e in self.staged.params}

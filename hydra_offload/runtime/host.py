@@ -112,6 +112,11 @@ class HostStorage:
         if self.pinned_bytes == 0 or self._buffer is None:
             raise RuntimeError("zero-copy views need host memory registered for CUDA")
         mapped = torch.as_tensor(_MappedBytes(self._buffer), device=device)
+        if mapped.device != device or mapped.data_ptr() != self._buffer.data_ptr():
+            raise RuntimeError(
+                f"the device view of host memory is not zero-copy on {device} "
+                f"(got a tensor on {mapped.device} at another address)"
+            )
         return [
             self._view(mapped, offset, layout)
             for offset, layout in zip(self._offsets, self._layouts, strict=True)
