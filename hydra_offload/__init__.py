@@ -10,6 +10,8 @@ The public API:
   touching weights (works on ``meta`` models).
 - :func:`apply_offload` -> :class:`OffloadHandle`: the plan carried out on a live model by
   the UVA or prefetch backend; ``handle.stats`` (:class:`OffloadStats`), ``handle.remove()``.
+- :class:`OffloadCallback`: the same for a Lightning ``Trainer``, applied at setup and removed
+  at the end of each stage.
 
 Names that need torch are imported on first use, so the Hydra plugin (which imports this
 package to register the config schema) does not load torch into every Hydra app.
@@ -35,6 +37,7 @@ from hydra_offload.config import (
 from hydra_offload.hydra import OffloadConfigError, to_offload_config
 
 if TYPE_CHECKING:
+    from hydra_offload.lightning import OffloadCallback
     from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
     from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
     from hydra_offload.stacks import LayerStackError
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _LAZY = {
+    "OffloadCallback": "hydra_offload.lightning",
     "OffloadError": "hydra_offload.offload",
     "OffloadHandle": "hydra_offload.offload",
     "OffloadStats": "hydra_offload.offload",
@@ -54,6 +58,7 @@ _LAZY = {
 
 __all__ = [
     "LayerStackError",
+    "OffloadCallback",
     "OffloadError",
     "OffloadHandle",
     "OffloadStats",

@@ -134,15 +134,19 @@ class OffloadHandle:
             wait_ms=getattr(installed, "wait_ms", None),
         )
 
-    def remove(self) -> None:
+    def remove(self, device: torch.device | str | None = None) -> None:
         """Restore the model: same parameter objects, values, devices and dtypes; no hooks.
+
+        Args:
+            device: where to put the offloaded parameters back; ``None``: the device each
+                lived on before offloading.
 
         Calling it again does nothing.
         """
         if self._installed is None:
             return
         self._root_hook.remove()
-        self._installed.remove()
+        self._installed.remove(torch.device(device) if device is not None else None)
         self._installed = None
         model = self._model_ref()
         if model is not None:
@@ -250,7 +254,7 @@ class _Nothing:
     pool_bytes = 0
     staged = None
 
-    def remove(self) -> None:
+    def remove(self, device: torch.device | None = None) -> None:
         return None
 
 

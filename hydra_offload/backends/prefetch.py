@@ -258,16 +258,16 @@ class PrefetchOffload:
     def pool_bytes(self) -> int:
         return self.pool.nbytes if hasattr(self, "pool") else 0
 
-    def remove(self) -> None:
-        self._uninstall(restore_params=True)
+    def remove(self, device: torch.device | None = None) -> None:
+        self._uninstall(restore_params=True, device=device)
 
-    def _uninstall(self, *, restore_params: bool) -> None:
+    def _uninstall(self, *, restore_params: bool, device: torch.device | None = None) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self.runtime.synchronize()  # no copy may still be writing into the pool
         if restore_params:
-            restore(self.staged.params)
+            restore(self.staged.params, device)
         if hasattr(self, "pool"):
             self.pool.release()
         for ring in getattr(self, "rings", []):

@@ -116,12 +116,12 @@ class UVAOffload:
         for entry in owned:
             entry.param.data = entry.host
 
-    def remove(self) -> None:
+    def remove(self, device: torch.device | None = None) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self.runtime.synchronize()
-        restore(self.staged.params)
+        restore(self.staged.params, device)
         self.staged.storage.free()
 
 

@@ -74,13 +74,14 @@ def point_at(entries: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
         param.data = tensor
 
 
-def restore(params: Sequence[OffloadedParam]) -> None:
-    """Give each parameter its own tensor again on its home device, values from the host."""
+def restore(params: Sequence[OffloadedParam], device: torch.device | None = None) -> None:
+    """Give each parameter its own tensor again, values from the host, on ``device`` (by
+    default the device it lived on before offloading)."""
     with torch.no_grad():
         for entry in params:
             host = entry.host
             home = torch.empty_strided(
-                host.shape, host.stride(), dtype=host.dtype, device=entry.home
+                host.shape, host.stride(), dtype=host.dtype, device=device or entry.home
             )
             home.copy_(host)
             entry.param.data = home
