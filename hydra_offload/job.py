@@ -1,0 +1,180 @@
+"""The main job behind ``run.py``: the embedded model under a Lightning Trainer, offloaded
+by the ``OffloadCallback`` that Hydra builds from ``callbacks/offload.yaml``.
+
+The job validates ``offload`` first (one clear line and exit status 2 when it is wrong),
+runs ``predict`` (or ``fit`` with ``mode=fit``) with Lightning's progress bar, and ends with
+a summary: the resolved config and its hash, the plan, peak device memory, time per step and
+host-to-device throughput. It also writes the figures to ``job_summary.json`` for
+:class:`~hydra_offload.sweep.SweepSummary`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any, NoReturn
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, LightningModule, Trainer
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from hydra_offload._render import format_bytes
+from hydra_offload.config import OffloadConfig
+from hydra_offload.hydra import OffloadConfigError, to_offload_config
+from hydra_offload.lightning import OffloadCallback
+from hydra_offload.models import LitDecoderLM, random_tokens
+from hydra_offload.offload import OffloadError
+from hydra_offload.plan import plan_offload
+from hydra_offload.stacks import LayerStackError
+from hydra_offload.sweep import write_job_summary
+
+__all__ = ["StepTimer", "fail", "run_job"]
+
+
+def fail(message: str) -> NoReturn:
+    """End the job with a one-line error (one line per problem) and exit status 2."""
+    print("error: " + message.replace("\n", "\nerror: "), file=sys.stderr)
+    raise SystemExit(2)
+
+
+class StepTimer(Callback):
+    """Wall time of each training or prediction step, synchronized with the device.
+
+    The first step (warm-up) is left out of :attr:`median_ms`.
+    """
+
+    def __init__(self) -> None:
+        self.times_ms: list[float] = []
+        self._start = 0.0
+
+    @staticmethod
+    def _sync(trainer: Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def _begin(self, trainer: Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self._start = time.perf_counter()
+
+    def _end(self, trainer: Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self.times_ms.append((time.perf_counter() - self._start) * 1000)
+
+    on_train_batch_start = on_predict_batch_start = _begin
+    on_train_batch_end = on_predict_batch_end = _end
+
+    @property
+    def median_ms(self) -> float | None:
+        timed = self.times_ms[1:] or self.times_ms
+        return statistics.median(timed) if timed else None
+
+
+def validated(cfg: DictConfig) -> OffloadConfig:
+    try:
+        return to_offload_config(cfg.offload)
+    except OffloadConfigError as err:
+        fail(str(err))
+
+
+def run_job(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run the job ``cfg`` describes; returns (and writes) its summary."""
+    console = console or Console(highlight=False)
+    offload = validated(cfg)
+    console.print("[bold]offload config[/bold] (validated)")
+    console.print(OmegaConf.to_yaml(offload.model_dump(mode="json")).rstrip())
+    console.print(f"resolved backend: {offload.resolved_backend}")
+    console.print(f"config hash: {offload.compute_hash()}")
+    if cfg.get("dry_run", False) or str(cfg.model.get("device")) == "meta":
+        return _plan_only(cfg, offload, console)
+
+    torch.manual_seed(cfg.data.seed)
+    module = LitDecoderLM(instantiate(cfg.model), lr=cfg.lr)
+    data = random_tokens(
+        cfg.model.vocab_size, cfg.data.seq_len, cfg.data.samples, cfg.data.batch_size,
+        seed=cfg.data.seed,
+    )  # fmt: skip
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    timer = StepTimer()
+    trainer = Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[*callbacks, timer]
+    )
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        _run(trainer, module, data, str(cfg.mode))
+    except (LayerStackError, OffloadError) as err:
+        fail(str(err))
+    offloads = [c for c in callbacks if isinstance(c, OffloadCallback)]
+    summary = _summary(offload, offloads, timer, trainer)
+    console.print(_summary_table(summary))
+    write_job_summary(summary)
+    return summary
+
+
+def _run(trainer: Trainer, module: LightningModule, data: Any, mode: str) -> None:
+    if mode == "predict":
+        trainer.predict(module, data)
+    elif mode == "fit":
+        trainer.fit(module, data)
+    else:
+        fail(f"mode: {mode!r} is not a mode; use predict or fit")
+
+
+def _plan_only(cfg: DictConfig, offload: OffloadConfig, console: Console) -> dict[str, Any]:
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    try:
+        plan = plan_offload(model, offload)
+    except LayerStackError as err:
+        fail(str(err))
+    console.print(plan)
+    return {"backend": plan.backend, "device_bytes_saved": plan.device_bytes_saved}
+
+
+def _summary(
+    offload: OffloadConfig, callbacks: list[OffloadCallback], timer: StepTimer, trainer: Trainer
+) -> dict[str, Any]:
+    device = trainer.strategy.root_device
+    stats = callbacks[0].last_stats if callbacks else None
+    step_ms = timer.median_ms
+    per_forward = stats.h2d_bytes_per_forward if stats is not None else None
+    return {
+        "backend": offload.resolved_backend,
+        "config_hash": offload.compute_hash(),
+        "device": str(device),
+        "peak_device_bytes": (
+            int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        ),
+        "device_bytes_saved": stats.device_bytes_saved if stats is not None else 0,
+        "offloaded_bytes": stats.offloaded_bytes if stats is not None else 0,
+        "stalls": stats.stalls if stats is not None else 0,
+        "steps": len(timer.times_ms),
+        "step_ms": step_ms,
+        "h2d_gb_s": (per_forward / step_ms / 1e6) if per_forward and step_ms else None,
+    }
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="Run summary", show_header=False, title_justify="left")
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    peak = summary["peak_device_bytes"]
+    table.add_row("backend", summary["backend"])
+    table.add_row("config hash", summary["config_hash"])
+    table.add_row("device", summary["device"])
+    table.add_row(
+        "peak device memory", "not measured (CPU)" if peak is None else format_bytes(peak)
+    )
+    table.add_row("device bytes saved", format_bytes(summary["device_bytes_saved"]))
+    table.add_row("steps", str(summary["steps"]))
+    step_ms = summary["step_ms"]
+    table.add_row("time per step (median)", "-" if step_ms is None else f"{step_ms:.2f} ms")
+    gbs = summary["h2d_gb_s"]
+    table.add_row("H2D throughput", "-" if gbs is None else f"{gbs:.3f} GB/s")
+    table.add_row("prefetch stalls", str(summary["stalls"]))
+    return table
