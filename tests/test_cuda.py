@@ -134,3 +134,49 @@ def test_remove_restores_parameters_on_the_device():
             assert param is params[name]
             assert param.is_cuda
             assert torch.equal(param, values[name])
+
+
+def _capped_predict(module, data, callbacks):
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(accelerator="cuda", devices=1, callbacks=callbacks, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False)  # fmt: skip
+    return trainer.predict(module, data)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"uva": {"cpu_offload_gb": 3.0}},
+        {"prefetch": {"offload_group_size": 4, "offload_num_in_group": 3}},
+    ],
+    ids=["uva", "prefetch"],
+)
+def test_callback_runs_a_model_larger_than_the_memory_cap(config):
+    from hydra_offload import OffloadCallback
+    from hydra_offload.models import LitDecoderLM, random_tokens
+
+    def module() -> LitDecoderLM:
+        torch.manual_seed(0)
+        return LitDecoderLM(DecoderLM(vocab_size=1024, hidden_size=2048, num_layers=16,
+                                      num_heads=16, intermediate_size=5632))  # fmt: skip
+
+    model_bytes = sum(p.numel() * p.element_size() for p in module().parameters())
+    cap = model_bytes // 2
+    total = torch.cuda.get_device_properties(0).total_memory
+    data = random_tokens(1024, 64, 4, 2)
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            _capped_predict(module(), data, [])
+        torch.cuda.empty_cache()
+        callback = OffloadCallback(config)
+        predictions = _capped_predict(module(), data, [callback])
+        assert len(predictions) == 2
+        assert callback.last_stats is not None
+        assert callback.last_stats.device_bytes_saved > model_bytes // 2
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
