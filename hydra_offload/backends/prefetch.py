@@ -14,6 +14,12 @@ in registration order.
 
 ``state_dict()`` reports the true weights from host storage and ``load_state_dict()`` writes
 into host storage, so checkpoints never see a slot's contents.
+
+Training works, correctly if not yet fast: while autograd records an offloaded layer, what it
+saves of the layer's weights is a reference to their host copy, fetched back when backward
+needs it (a slot would hold another layer's weights by then); and an optimizer step updates
+offloaded parameters in host storage, their gradients copied there first, after which the
+slots reload.
 """
 
 from __future__ import annotations
@@ -24,12 +30,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
-from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
+from hydra_offload.runtime.params import (
+    OffloadedParam,
+    Staged,
+    point_at,
+    restore,
+    stage_to_host,
+)
 from hydra_offload.runtime.timing import WaitTimer
 
 __all__ = ["PrefetchOffload"]
@@ -38,11 +54,14 @@ __all__ = ["PrefetchOffload"]
 class _Layer:
     """An offloaded layer: the (slot, host tensor) pairs its load copies."""
 
-    __slots__ = ("copies", "nbytes", "next_users", "ready", "slots")
+    __slots__ = ("copies", "grad_hooks", "hosts", "nbytes", "next_users", "ready", "slots")
 
     def __init__(self, copies: list[tuple[Slot, torch.Tensor]]) -> None:
         self.copies = copies
         self.slots = [slot for slot, _ in copies]
+        self.hosts = {slot.tensor.untyped_storage().data_ptr(): host for slot, host in copies}
+        """Which host tensor holds this layer's true weights for each slot's storage."""
+        self.grad_hooks: Any = None
         self.nbytes = sum(host.numel() * host.element_size() for _, host in copies)
         self.ready: Any = None
         self.next_users: list[_Layer] = []
@@ -112,8 +131,14 @@ class _Ring:
         self.counters.h2d_bytes += layer.nbytes
 
     def before(self, position: int, module: nn.Module, args: Any, kwargs: Any) -> None:
-        """Forward pre-hook of offloaded layer ``position`` (see :mod:`runtime.ops`)."""
-        if torch.compiler.is_compiling():
+        """Forward pre-hook of offloaded layer ``position``.
+
+        Compiled without gradients, the step is a custom operator (see :mod:`runtime.ops`),
+        so the graph has no break. With gradients, the step must also swap what autograd
+        saves (``saved_tensors_hooks``), which the compiler does not trace: the graph breaks
+        there and the step runs eagerly.
+        """
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             anchor = ops.first_tensor((args, kwargs))
             if anchor is not None:
                 ops.layer_begin(anchor, self.ring_id, position)
@@ -123,7 +148,7 @@ class _Ring:
 
     def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of offloaded layer ``position`` (also called when it raised)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             anchor = ops.first_tensor(output)
             if anchor is not None:
                 ops.layer_end(anchor, self.ring_id, position)
@@ -141,10 +166,20 @@ class _Ring:
             self.runtime.current_stream().wait_event(layer.ready)
         else:
             self.timer.wait(position, self.runtime.current_stream(), layer.ready)
+        if torch.is_grad_enabled():
+            # Autograd would keep the slot itself for backward, and by then the slot holds
+            # another layer's weights: save a reference to the host copy instead.
+            layer.grad_hooks = torch.autograd.graph.saved_tensors_hooks(
+                partial(self._pack, layer), self._unpack
+            )
+            layer.grad_hooks.__enter__()
 
     def end(self, position: int) -> None:
         """Mark the layer's slots free after its compute and start the next copies."""
         layer = self.layers[position]
+        if layer.grad_hooks is not None:
+            layer.grad_hooks.__exit__(None, None, None)
+            layer.grad_hooks = None
         done = self.runtime.current_stream().record_event()
         for slot in layer.slots:
             slot.free = done
@@ -152,6 +187,24 @@ class _Ring:
         for upcoming in layer.next_users:
             if not self.holds(upcoming) and self.can_fill(upcoming):
                 self.load(upcoming)
+
+    def _pack(self, layer: _Layer, tensor: torch.Tensor) -> Any:
+        if tensor.device == self.runtime.device and tensor.layout == torch.strided:
+            host = layer.hosts.get(tensor.untyped_storage().data_ptr())
+            if host is not None:
+                return _SavedWeight(host, tensor)
+        return tensor
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if not isinstance(saved, _SavedWeight):
+            return saved
+        host = saved.host
+        weights = torch.empty_strided(
+            host.shape, host.stride(), dtype=host.dtype, device=self.runtime.device
+        )
+        weights.copy_(host, non_blocking=True)
+        self.counters.h2d_bytes += host.numel() * host.element_size()
+        return weights.as_strided(saved.size, saved.stride, saved.offset)
 
     def preload(self) -> None:
         """Fill the empty slots with the first offloaded layers, as the wrap-around would."""
@@ -164,6 +217,18 @@ class _Ring:
         """Forget what ``layer``'s slots hold (their contents were overwritten)."""
         for slot in layer.slots:
             slot.owner = None
+
+
+class _SavedWeight:
+    """What autograd keeps of a layer's weight: where the true values are, and the view."""
+
+    __slots__ = ("host", "offset", "size", "stride")
+
+    def __init__(self, host: torch.Tensor, tensor: torch.Tensor) -> None:
+        self.host = host
+        self.size = tensor.size()
+        self.stride = tensor.stride()
+        self.offset = tensor.storage_offset()
 
 
 class PrefetchOffload:
@@ -210,6 +275,7 @@ class PrefetchOffload:
         # The pool's memory may have been used by compute just before; copies go after it.
         copy_stream.wait_stream(self.runtime.current_stream())
         self.rings: list[_Ring] = []
+        self._slot_of: dict[int, tuple[OffloadedParam, torch.Tensor]] = {}
         for stack_plan in plan.stacks:
             stack = model.get_submodule(stack_plan.path) if stack_plan.path else model
             layers = []
@@ -220,6 +286,7 @@ class PrefetchOffload:
                     slot = entry_of[key][p.slot or 0]
                     entry = host_of[p.name]
                     entry.param.data = slot.tensor
+                    self._slot_of[id(entry.param)] = (entry, slot.tensor)
                     copies.append((slot, entry.host))
                 layers.append(_Layer(copies))
             ring = _Ring(layers, self.runtime, copy_stream, self.counters)
@@ -230,6 +297,41 @@ class PrefetchOffload:
             ring.preload()
         # The preload belongs to setup, not to any forward: count from here.
         self.counters.loads = self.counters.h2d_bytes = 0
+        self._stepping: dict[int, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}
+        self._hooks += [
+            register_optimizer_step_pre_hook(self._before_step),
+            register_optimizer_step_post_hook(self._after_step),
+        ]
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """An optimizer is about to update parameters: the offloaded ones it holds are
+        updated in host storage (their true weights), with their gradients copied there."""
+        moved = []
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                found = self._slot_of.get(id(param))
+                if found is None or param.grad is None:
+                    continue
+                entry, slot = found
+                grad = param.grad
+                param.data = entry.host
+                param.grad = grad.to(entry.host.device)
+                moved.append((param, slot, grad))
+        if moved:
+            self._stepping[id(optimizer)] = moved
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        moved = self._stepping.pop(id(optimizer), None)
+        if not moved:
+            return
+        for param, slot, grad in moved:
+            param.data = slot
+            param.grad = grad
+        # Host storage changed: whatever the slots hold is stale. Reload from the host.
+        for ring in self.rings:
+            for layer in ring.layers:
+                ring.invalidate(layer)
+            ring.preload()
 
     def _hook_layer(self, module: nn.Module, ring: _Ring, position: int, planned: list) -> None:
         layer = ring.layers[position]
@@ -281,7 +383,12 @@ def _true_weights(
 ) -> None:
     for local, host in hosts.items():
         key = prefix + local
-        if key in state and not isinstance(state[key], nn.Parameter):
+        if key not in state:
+            continue
+        value = state[key]
+        if isinstance(value, nn.Parameter):  # state_dict(keep_vars=True)
+            state[key] = nn.Parameter(host, requires_grad=value.requires_grad)
+        else:
             state[key] = host.detach()
 
 
