@@ -36,7 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from hydra_offload.config import OffloadConfig
 from hydra_offload.hydra import to_offload_config
-from hydra_offload.offload import OffloadHandle, OffloadStats, apply_offload
+from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
+from hydra_offload.plan import plan_offload
 
 __all__ = ["OffloadCallback"]
 
@@ -117,6 +118,8 @@ class OffloadCallback(Callback):
                 "OffloadCallback: the compute device is the CPU, so offloading saves no memory "
                 "here; the offload mechanism still runs (useful for testing)."
             )
+        if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
+            self._refuse_trainable_offloaded(pl_module)
         precision = trainer.precision_plugin
         if isinstance(precision, (HalfPrecision, DoublePrecision)):
             precision.convert_module(pl_module)
@@ -127,6 +130,22 @@ class OffloadCallback(Callback):
         pl_module._ddp_params_and_buffers_to_ignore = ignored
         self._module = pl_module
         rank_zero_info(self.handle.plan.summary())
+
+    def _refuse_trainable_offloaded(self, pl_module: LightningModule) -> None:
+        """Offloaded parameters are kept out of DDP's gradient sync, so under several
+        processes they must be frozen, or each rank would train its own copy."""
+        params = dict(pl_module.named_parameters())
+        trainable = [
+            name
+            for name in plan_offload(pl_module, self.config).offloaded_params
+            if params[name].requires_grad
+        ]
+        if trainable:
+            raise OffloadError(
+                f"{len(trainable)} offloaded parameter(s) require grad, e.g. {trainable[0]}; "
+                "under DDP offloaded parameters are not synchronized across processes, so "
+                "freeze them (requires_grad_(False)) or train with one process"
+            )
 
     def _unpatch(self) -> None:
         if self._patched is not None:
