@@ -102,7 +102,7 @@ def render_plan(plan: OffloadPlan) -> RenderableType:
     return Group(*parts)
 
 
-def render_stats(stats: OffloadStats, step_ms: float | None = None) -> RenderableType:
+def render_stats(stats: OffloadStats) -> RenderableType:
     """The live figures of an applied offload as a two-column table."""
     table = Table(title=f"Offload stats: {stats.backend}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
@@ -121,8 +121,4 @@ def render_stats(stats: OffloadStats, step_ms: float | None = None) -> Renderabl
     table.add_row("prefetch stalls", f"{stats.stalls:,}")
     waited = "not measured" if stats.wait_ms is None else f"{stats.wait_ms:.3f} ms"
     table.add_row("compute waited for copies", waited)
-    if step_ms is not None:
-        table.add_row("time per forward", f"{step_ms:.2f} ms")
-        if per_forward:
-            table.add_row("H2D GB/s", f"{per_forward / step_ms / 1e6:.2f}")
     return table

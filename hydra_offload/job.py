@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from hydra_offload._render import format_bytes
+from hydra_offload._render import format_bytes, render_stats
 from hydra_offload.config import OffloadConfig
 from hydra_offload.hydra import OffloadConfigError, to_offload_config
 from hydra_offload.lightning import OffloadCallback
@@ -111,6 +111,8 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
         fail(str(err))
     offloads = [c for c in callbacks if isinstance(c, OffloadCallback)]
     summary = _summary(offload, offloads, timer, trainer)
+    if offloads and offloads[0].last_stats is not None:
+        console.print(render_stats(offloads[0].last_stats))
     console.print(_summary_table(summary))
     write_job_summary(summary)
     return summary
