@@ -25,19 +25,17 @@ from torch import nn
 
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, ResolvedBackend
+from hydra_offload.errors import OffloadError
 from hydra_offload.hydra import to_offload_config
 from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.params import MoveGuard
 
 __all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload"]
 
 # Every module of every model with an active offload, so a second apply is refused.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, OffloadHandle] = weakref.WeakKeyDictionary()
-
-
-class OffloadError(RuntimeError):
-    """The offload cannot be applied to this model as it is; the model was not modified."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +99,8 @@ class OffloadHandle:
         self._counters = counters
         self._saved = saved
         self._root_hook = model.register_forward_pre_hook(self._count_forward)
+        staged = getattr(installed, "staged", None)
+        self._guard = MoveGuard(model, staged.params) if staged is not None else None
 
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         self._counters.forwards += 1
@@ -146,6 +146,8 @@ class OffloadHandle:
         if self._installed is None:
             return
         self._root_hook.remove()
+        if self._guard is not None:
+            self._guard.remove()
         self._installed.remove(torch.device(device) if device is not None else None)
         self._installed = None
         model = self._model_ref()
@@ -192,6 +194,9 @@ def apply_offload(
         hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
 
     A failure half-way (host or device memory exhausted) restores the model before raising.
+    While the offload is active, ``.to()`` / ``.cuda()`` / ``.half()``... that would move or
+    convert an offloaded parameter raise :class:`OffloadError` without changing anything;
+    moves that leave offloaded parameters where they are (onto the compute device) work.
     """
     config = to_offload_config(config)
     for module in model.modules():

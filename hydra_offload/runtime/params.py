@@ -19,13 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
+from hydra_offload.errors import OffloadError
 from hydra_offload.runtime.host import HostStorage
 
-__all__ = ["OffloadedParam", "Staged", "restore", "stage_to_host"]
+__all__ = ["MoveGuard", "OffloadedParam", "Staged", "restore", "stage_to_host"]
 
 
 @dataclass
@@ -85,3 +88,42 @@ def restore(params: Sequence[OffloadedParam], device: torch.device | None = None
             )
             home.copy_(host)
             entry.param.data = home
+
+
+class MoveGuard:
+    """Refuses ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()``... that would replace an
+    offloaded parameter's tensor while the offload is active.
+
+    Such a move would detach the parameter from the storage the offload serves it from (a
+    pool slot, a zero-copy view, host memory): the layer would then compute with a stale copy.
+    Moves that leave offloaded parameters as they are (``model.to(device)`` onto the compute
+    device they already live on) go through. The check runs on the module the call is made
+    on, over every offloaded parameter below it, before anything is changed.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[OffloadedParam]) -> None:
+        offloaded = {id(e.param): e for e in params}
+        self._patched: list[nn.Module] = []
+        for module in model.modules():
+            below = [offloaded[id(p)] for p in module.parameters() if id(p) in offloaded]
+            if below:
+                original = module._apply
+                module._apply = partial(self._apply, below, original)  # type: ignore[method-assign]
+                self._patched.append(module)
+
+    @staticmethod
+    def _apply(below: list[OffloadedParam], original: Any, fn: Any, *args: Any, **kw: Any) -> Any:
+        for entry in below:
+            data = entry.param.data
+            if fn(data) is not data:
+                raise OffloadError(
+                    f"{entry.name} is offloaded: moving or converting it (.to(), .cuda(), "
+                    ".cpu(), .half(), ...) would detach it from its offloaded storage. Call "
+                    "remove() on the offload handle first; nothing was changed"
+                )
+        return original(fn, *args, **kw)
+
+    def remove(self) -> None:
+        for module in self._patched:
+            module.__dict__.pop("_apply", None)
+        self._patched = []
