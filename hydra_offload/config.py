@@ -96,8 +96,22 @@ def _segments(field: str, value: Any) -> frozenset[str]:
         )
     items = list(value)
     for item in items:
-        _check_dotted(field, item, what="name segment")
+        if isinstance(item, str) and item.startswith("@"):
+            _check_selector(field, item)
+        else:
+            _check_dotted(field, item, what="name segment")
     return frozenset(items)
+
+
+def _check_selector(field: str, item: str) -> None:
+    from hydra_offload.selection import SELECTORS
+
+    if item[1:] not in SELECTORS:
+        raise PydanticCustomError(
+            "unknown_selector",
+            "{field}: {item} is not a selector; selectors are {known}",
+            {"field": field, "item": repr(item), "known": ", ".join(f"@{n}" for n in SELECTORS)},
+        )
 
 
 def _check_dotted(field: str, item: Any, *, what: str) -> None:
@@ -147,7 +161,8 @@ class UVAOffloadConfig(_Frozen):
 
     cpu_offload_params: frozenset[str] = frozenset()
     """Name segments selecting the parameters UVA may offload (``experts`` matches
-    ``mlp.experts.w2_weight``, ``expert`` does not). Empty: any parameter."""
+    ``mlp.experts.w2_weight``, ``expert`` does not), or selectors such as ``@experts``.
+    Empty: any parameter."""
 
     @field_validator("cpu_offload_params", mode="before")
     @classmethod
@@ -179,8 +194,8 @@ class PrefetchOffloadConfig(_Frozen):
     the copies of adjacent offloaded layers."""
 
     offload_params: frozenset[str] = frozenset()
-    """Name segments selecting which parameters of an offloaded layer move to the host.
-    Empty: all of them."""
+    """Name segments (or selectors such as ``@mlp``) selecting which parameters of an
+    offloaded layer move to the host. Empty: all of them."""
 
     @field_validator("offload_params", mode="before")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hydra_offload.selection import matches_any, segment_match, unmatched_patterns
+from hydra_offload.selection import SELECTORS, matches_any, segment_match, unmatched_patterns
 
 NAME = "mlp.experts.w2_weight"
 
@@ -92,3 +92,47 @@ def test_unmatched_patterns_table(patterns, names, expected):
 def test_unmatched_patterns_accepts_a_one_shot_iterator_of_names():
     names = iter(["a.experts.w1", "b.attn.q"])
     assert unmatched_patterns(["experts", "attn", "mlp"], names) == ("mlp",)
+
+
+# (selector, a name it must match, a name it must not match)
+SELECTOR_TABLE = [
+    ("@attention", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+    ("@attention", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"),
+    ("@attention", "decoder.block.0.layer.1.EncDecAttention.q.weight", "shared.weight"),
+    ("@attention", "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.weight"),
+    ("@mlp", "model.layers.3.mlp.down_proj.weight", "model.layers.3.self_attn.o_proj.weight"),
+    ("@mlp", "encoder.block.0.layer.1.DenseReluDense.wi.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"),
+    ("@mlp", "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.attention.output.dense.weight"),
+    ("@experts", "model.layers.0.block_sparse_moe.experts.3.w1.weight", "model.layers.0.block_sparse_moe.gate.weight"),
+    ("@experts", "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.shared_expert.up_proj.weight"),
+    ("@embeddings", "model.embed_tokens.weight", "lm_head.weight"),
+    ("@embeddings", "transformer.wte.weight", "transformer.ln_f.weight"),
+    ("@embeddings", "embeddings.word_embeddings.weight", "pooler.dense.weight"),
+    ("@embeddings", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("selector", "hit", "miss"), SELECTOR_TABLE)
+def test_selectors_cover_the_common_architectures_names(selector, hit, miss):
+    assert matches_any({selector}, hit)
+    assert not matches_any({selector}, miss)
+
+
+def test_selectors_and_segments_combine():
+    patterns = {"@experts", "lm_head"}
+    assert matches_any(patterns, "model.layers.0.mlp.experts.3.w1.weight")
+    assert matches_any(patterns, "lm_head.weight")
+    assert not matches_any(patterns, "model.norm.weight")
+
+
+def test_a_selector_matching_nothing_is_reported_unmatched():
+    assert unmatched_patterns({"@experts", "mlp"}, ["layers.0.mlp.up.weight"]) == ("@experts",)
+
+
+def test_every_selector_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, segments in SELECTORS.items():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `@{name}` |"))
+        assert all(f"`{segment}`" in row for segment in segments)
