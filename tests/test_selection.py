@@ -99,17 +99,33 @@ SELECTOR_TABLE = [
     ("@attention", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"),
     ("@attention", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"),
     ("@attention", "decoder.block.0.layer.1.EncDecAttention.q.weight", "shared.weight"),
-    ("@attention", "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.weight"),
+    ("@attention", "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.w"),
     ("@mlp", "model.layers.3.mlp.down_proj.weight", "model.layers.3.self_attn.o_proj.weight"),
-    ("@mlp", "encoder.block.0.layer.1.DenseReluDense.wi.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"),
-    ("@mlp", "encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.attention.output.dense.weight"),
-    ("@experts", "model.layers.0.block_sparse_moe.experts.3.w1.weight", "model.layers.0.block_sparse_moe.gate.weight"),
-    ("@experts", "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.shared_expert.up_proj.weight"),
+    (
+        "@mlp",
+        "encoder.block.0.layer.1.DenseReluDense.wi.w",
+        "encoder.block.0.layer.0.SelfAttention.q.w",
+    ),
+    (
+        "@mlp",
+        "encoder.layer.0.intermediate.dense.weight",
+        "encoder.layer.0.attention.output.dense.w",
+    ),
+    (
+        "@experts",
+        "model.layers.0.block_sparse_moe.experts.3.w1.w",
+        "model.layers.0.block_sparse_moe.gate.w",
+    ),
+    (
+        "@experts",
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.shared_expert.up_proj.w",
+    ),
     ("@embeddings", "model.embed_tokens.weight", "lm_head.weight"),
     ("@embeddings", "transformer.wte.weight", "transformer.ln_f.weight"),
     ("@embeddings", "embeddings.word_embeddings.weight", "pooler.dense.weight"),
     ("@embeddings", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("selector", "hit", "miss"), SELECTOR_TABLE)
