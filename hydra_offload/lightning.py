@@ -195,7 +195,9 @@ class OffloadCallback(Callback):
             else:
                 module._ddp_params_and_buffers_to_ignore = self._ddp_ignored_before
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not on_fit_end: Lightning calls that after the strategy's teardown has already
+        # moved the module to the CPU.
         self._finish(trainer, "fit")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

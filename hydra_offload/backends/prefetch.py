@@ -303,9 +303,31 @@ class PrefetchOffload:
             register_optimizer_step_post_hook(self._after_step),
         ]
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         """An optimizer is about to update parameters: the offloaded ones it holds are
-        updated in host storage (their true weights), with their gradients copied there."""
+        updated in host storage (their true weights), with their gradients copied there.
+
+        With a closure (``optimizer.step(closure)``, as Lightning calls it), the gradients
+        exist only once the closure has run: the move happens right after it returns.
+        """
+        # ``args`` are step()'s positional arguments, the optimizer itself first.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._to_host(optimizer)
+            return None
+
+        def closure_then_to_host() -> Any:
+            loss = closure()
+            self._to_host(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_to_host}
+        return (args[0], closure_then_to_host, *args[2:]), kwargs
+
+    def _to_host(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._stepping:  # a closure called again (e.g. LBFGS)
+            return
         moved = []
         for group in optimizer.param_groups:
             for param in group["params"]:
@@ -317,8 +339,7 @@ class PrefetchOffload:
                 param.data = entry.host
                 param.grad = grad.to(entry.host.device)
                 moved.append((param, slot, grad))
-        if moved:
-            self._stepping[id(optimizer)] = moved
+        self._stepping[id(optimizer)] = moved
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         moved = self._stepping.pop(id(optimizer), None)
