@@ -519,3 +519,23 @@ def test_compiled_training_through_offloaded_layers_gives_the_same_gradients():
         for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
             assert torch.equal(p.grad, q.grad), name
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.AdamW])
+def test_steps_with_a_closure_update_the_offloaded_weights(optimizer_class):
+    model = small_decoder().train()
+    reference = copy.deepcopy(model)
+    ids = token_ids()
+    with apply_offload(model, prefetch(2)):
+        for m in (model, reference):
+            optimizer = optimizer_class(m.parameters(), lr=1e-2)
+
+            def closure(m=m, optimizer=optimizer):
+                optimizer.zero_grad()
+                loss = m(ids).logsumexp(-1).mean()
+                loss.backward()
+                return loss
+
+            for _ in range(3):
+                optimizer.step(closure)
+        assert torch.equal(model(ids), reference(ids))
