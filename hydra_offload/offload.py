@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,8 @@ class OffloadStats:
         host_bytes: bytes of host storage allocated (tensors plus alignment padding).
         host_bytes_pinned: of those, bytes page-locked with the CUDA runtime (0 on CPU).
         pool_bytes: bytes of the prefetch device buffer pool.
-        forwards: forward calls of the model since the offload was applied.
+        forwards: forward calls of the model since the offload was applied (eager calls;
+            a ``torch.compile``'d model's calls are not counted).
         h2d_bytes: bytes copied from host storage to the device in total.
         h2d_bytes_per_forward: ``h2d_bytes / forwards`` (``None`` before the first forward).
         loads: copies issued (prefetch: layer loads; UVA copy mode: module fetches).
@@ -98,12 +100,35 @@ class OffloadHandle:
         self._installed = installed
         self._counters = counters
         self._saved = saved
-        self._root_hook = model.register_forward_pre_hook(self._count_forward)
+        self._running: int | None = None  # the thread inside the model's forward, if any
+        self._root_hooks = [
+            model.register_forward_pre_hook(self._enter_forward),
+            model.register_forward_hook(self._leave_forward, always_call=True),
+        ]
         staged = getattr(installed, "staged", None)
         self._guard = MoveGuard(model, staged.params) if staged is not None else None
 
-    def _count_forward(self, module: nn.Module, args: Any) -> None:
+    def _enter_forward(self, module: nn.Module, args: Any) -> None:
+        # The slots are shared state: two threads in one forward at once could overwrite
+        # weights the other is computing with. Taking turns is fine; overlapping is refused.
+        # (Not traced by torch.compile: compiled forwards are neither counted nor checked.)
+        if torch.compiler.is_compiling():
+            return
+        me = threading.get_ident()
+        if self._running not in (None, me):
+            raise OffloadError(
+                "this offloaded model is already running a forward in another thread; an "
+                "offloaded model is not thread-safe: run it from one thread at a time (or "
+                "give each thread its own model)"
+            )
+        self._running = me
         self._counters.forwards += 1
+
+    def _leave_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if self._running == threading.get_ident():
+            self._running = None
 
     @property
     def active(self) -> bool:
@@ -145,7 +170,8 @@ class OffloadHandle:
         """
         if self._installed is None:
             return
-        self._root_hook.remove()
+        for hook in self._root_hooks:
+            hook.remove()
         if self._guard is not None:
             self._guard.remove()
         self._installed.remove(torch.device(device) if device is not None else None)
