@@ -53,8 +53,9 @@ class OffloadStats:
         host_bytes: bytes of host storage allocated (tensors plus alignment padding).
         host_bytes_pinned: of those, bytes page-locked with the CUDA runtime (0 on CPU).
         pool_bytes: bytes of the prefetch device buffer pool.
-        forwards: forward calls of the model since the offload was applied (eager calls;
-            a ``torch.compile``'d model's calls are not counted).
+        forwards: forward calls since the offload was applied, counted on the innermost
+            module that contains every offloaded parameter (eager calls; a
+            ``torch.compile``'d model's calls are not counted).
         h2d_bytes: bytes copied from host storage to the device in total.
         h2d_bytes_per_forward: ``h2d_bytes / forwards`` (``None`` before the first forward).
         loads: copies issued (prefetch: layer loads; UVA copy mode: module fetches).
@@ -101,9 +102,10 @@ class OffloadHandle:
         self._counters = counters
         self._saved = saved
         self._running: int | None = None  # the thread inside the model's forward, if any
+        root = _forward_root(model, plan.offloaded_params)
         self._root_hooks = [
-            model.register_forward_pre_hook(self._enter_forward),
-            model.register_forward_hook(self._leave_forward, always_call=True),
+            root.register_forward_pre_hook(self._enter_forward),
+            root.register_forward_hook(self._leave_forward, always_call=True),
         ]
         staged = getattr(installed, "staged", None)
         self._guard = MoveGuard(model, staged.params) if staged is not None else None
@@ -287,6 +289,23 @@ class _Nothing:
 
     def remove(self, device: torch.device | None = None) -> None:
         return None
+
+
+def _forward_root(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """The innermost called module that contains every offloaded parameter: one forward of
+    the model, however it is entered (``module(x)`` or ``module.model(x)``), is one call."""
+    prefixes = [name.split(".")[:-1] for name in names]
+    common: list[str] = []
+    for parts in zip(*prefixes, strict=False):  # up to the shortest prefix
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    while common:
+        module = model.get_submodule(".".join(common))
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return module
+        common.pop()
+    return model
 
 
 def _compute_device(model: nn.Module, device: torch.device | str | None) -> torch.device:

@@ -64,3 +64,21 @@ def test_a_second_thread_entering_a_running_forward_is_refused():
             gate.go_on.set()
             first.join()
         m(ids)  # free again once the first forward has finished
+
+
+def test_forwards_are_counted_however_the_model_is_entered():
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model()
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(ids)
+
+    wrapper = Wrapper()
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad(), apply_offload(wrapper, {"prefetch": {"offload_group_size": 2}}) as h:
+        wrapper(ids)  # through the wrapper
+        wrapper.model(ids)  # straight to the inner model
+        assert h.stats.forwards == 2
+        assert h.stats.h2d_bytes_per_forward == h.plan.offloaded_bytes
