@@ -216,8 +216,10 @@ def apply_offload(
         The handle: ``plan``, ``stats``, ``remove()``; a context manager.
 
     Raises:
-        OffloadError: the model already carries an offload, or has offloaded parameters
-            on the meta device. The model is not modified.
+        OffloadError: the model already carries an offload (this one's or another
+            library's), a parameter to offload cannot be (meta, sparse, a tensor subclass
+            such as a quantized weight), or host memory is short. The model is not
+            modified.
         hydra_offload.OffloadConfigError: the configuration is invalid.
         hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
 
@@ -235,12 +237,7 @@ def apply_offload(
             )
     plan = plan_offload(model, config)
     params = dict(model.named_parameters())
-    meta = [p.name for p in plan.params if params[p.name].is_meta]
-    if meta:
-        raise OffloadError(
-            f"{len(meta)} parameter(s) to offload are on the meta device (not materialized), "
-            f"e.g. {meta[0]}; load the weights (or to_empty() and initialize) first"
-        )
+    _check_offloadable(model, plan, params)
     runtime = DeviceRuntime(_compute_device(model, device))
     counters = Counters()
     saved = None
@@ -289,6 +286,66 @@ class _Nothing:
 
     def remove(self, device: torch.device | None = None) -> None:
         return None
+
+
+# Attributes other offloading libraries leave on the modules they manage.
+_FOREIGN_HOOKS = {
+    "_hf_hook": "Hugging Face accelerate (cpu_offload / dispatch_model)",
+    "_diffusers_hook": "diffusers (enable_model_cpu_offload / group offloading)",
+}
+
+
+def _check_offloadable(
+    model: nn.Module, plan: OffloadPlan, params: dict[str, nn.Parameter]
+) -> None:
+    """Refuse, before anything is modified, what the backends cannot serve correctly."""
+    for module_name, module in model.named_modules():
+        for attribute, owner in _FOREIGN_HOOKS.items():
+            if getattr(module, attribute, None) is not None:
+                raise OffloadError(
+                    f"{module_name or type(model).__name__} carries {owner} hooks "
+                    f"({attribute}); two offloaders would fight over the same weights: remove "
+                    "the other library's hooks first"
+                )
+    meta = [p.name for p in plan.params if params[p.name].is_meta]
+    if meta:
+        raise OffloadError(
+            f"{len(meta)} parameter(s) to offload are on the meta device (not materialized), "
+            f"e.g. {meta[0]}; load the weights (or to_empty() and initialize) first"
+        )
+    host_bytes = 0
+    for planned in plan.params:
+        param = params[planned.name]
+        problem = None
+        if type(param.data) is not torch.Tensor:
+            problem = (
+                f"is a tensor subclass ({type(param.data).__name__}, e.g. quantized), whose "
+                "inner tensors an offload cannot move; leave it out with offload_params / "
+                "cpu_offload_params"
+            )
+        elif param.layout != torch.strided:
+            problem = f"has layout {param.layout}; only dense (strided) tensors can be offloaded"
+        if problem:
+            raise OffloadError(f"{planned.name} {problem}")
+        host_bytes += planned.nbytes
+    available = _available_host_bytes()
+    if available is not None and host_bytes > available:
+        raise OffloadError(
+            f"offloading needs {host_bytes:,} bytes of host memory but only {available:,} are "
+            "available; lower cpu_offload_gb or offload fewer layers"
+        )
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _forward_root(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
