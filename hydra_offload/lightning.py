@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from hydra_offload.config import OffloadConfig
 from hydra_offload.hydra import to_offload_config
 from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
-from hydra_offload.plan import plan_offload
+from hydra_offload.plan import OffloadPlan, plan_offload
 
 __all__ = ["OffloadCallback"]
 
@@ -87,6 +87,8 @@ class OffloadCallback(Callback):
         """The active offload, while a stage runs."""
         self.last_stats: OffloadStats | None = None
         """The statistics at the end of the last stage."""
+        self.last_plan: OffloadPlan | None = None
+        """The plan of the last stage's offload (it stays after the offload is removed)."""
         self._stage: str | None = None
         self._patched: LightningModule | None = None
         self._module: Any = None
@@ -187,6 +189,7 @@ class OffloadCallback(Callback):
         self._unpatch()
         if self.handle is not None:
             self.last_stats = self.handle.stats
+            self.last_plan = self.handle.plan
             self.handle.remove(device=torch.device("cpu"))
             self.handle = None
             module = self._module

@@ -257,6 +257,8 @@ def test_evaluation_stages_give_bit_identical_results_to_the_run_without_offload
     assert all_equal(got, expected)
     assert callback.last_stats is not None
     assert callback.last_stats.forwards == len(expected)
+    assert callback.last_plan is not None
+    assert callback.last_plan.offloaded_bytes == callback.last_stats.offloaded_bytes
 
 
 @pytest.mark.parametrize(("config", "frozen"), FIT_VARIANTS)

@@ -33,13 +33,13 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
-from hydra_offload import OffloadCallback, OffloadPlan
+from hydra_offload import OffloadCallback
 
 
 class LoRALinear(nn.Module):
@@ -100,19 +100,6 @@ class AdapterFinetune(LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
-class KeepPlan(Callback):
-    """Keeps the plan the :class:`OffloadCallback` applied (its ``handle`` exists only while a
-    stage runs; the offload is removed when the stage ends)."""
-
-    def __init__(self, offload: OffloadCallback) -> None:
-        self.offload = offload
-        self.plan: OffloadPlan | None = None
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.offload.handle is not None:
-            self.plan = self.offload.handle.plan
-
-
 def random_sequences(cfg: DictConfig, vocab_size: int) -> DataLoader:
     generator = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, vocab_size, (cfg.samples, cfg.seq_len), generator=generator)
@@ -134,13 +121,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     )
 
     offload = OffloadCallback(cfg.offload)  # validates; errors name the offending key
-    keep_plan = KeepPlan(offload)
-    trainer = Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[offload, keep_plan]
-    )
+    trainer = Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[offload])
     trainer.fit(module, random_sequences(cfg.data, cfg.model.vocab_size))
 
-    plan, stats = keep_plan.plan, offload.last_stats
+    plan, stats = offload.last_plan, offload.last_stats
     if plan is None or stats is None:
         raise SystemExit("error: nothing was offloaded; this example needs offload=prefetch")
     trainable_offloaded = [n for n in plan.offloaded_params if n in trainable]

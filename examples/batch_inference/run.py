@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,14 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
 from hydra_offload import OffloadCallback
+from hydra_offload.job import StepTimer
 
 
 class NextToken(LightningModule):
@@ -56,27 +56,6 @@ class NextToken(LightningModule):
         return self(ids).argmax(dim=-1)
 
 
-class BatchTimer(Callback):
-    """Wall time of each prediction batch, synchronized with the accelerator."""
-
-    def __init__(self) -> None:
-        self.times_ms: list[float] = []
-        self._start = 0.0
-
-    @staticmethod
-    def _sync(trainer: Trainer) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
-
-    def on_predict_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._sync(trainer)
-        self._start = time.perf_counter()
-
-    def on_predict_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self._sync(trainer)
-        self.times_ms.append((time.perf_counter() - self._start) * 1000)
-
-
 def random_prompts(cfg: DictConfig, vocab_size: int) -> DataLoader:
     generator = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batches * cfg.batch_size, cfg.seq_len)
@@ -89,7 +68,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.data.seed)
     model = AutoModelForCausalLM.from_config(instantiate(cfg.model)).eval()
     offload = OffloadCallback(cfg.offload)  # validates; errors name the offending key
-    timer = BatchTimer()
+    timer = StepTimer()  # per-batch wall time, synchronized with the device
     trainer = Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[offload, timer]
     )

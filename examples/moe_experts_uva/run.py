@@ -31,13 +31,13 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
-from hydra_offload import OffloadCallback, OffloadPlan
+from hydra_offload import OffloadCallback
 
 
 class NextToken(LightningModule):
@@ -54,19 +54,6 @@ class NextToken(LightningModule):
     def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         (ids,) = batch
         return self(ids).argmax(dim=-1)
-
-
-class KeepPlan(Callback):
-    """Keeps the plan the :class:`OffloadCallback` applied (its ``handle`` exists only while a
-    stage runs; the offload is removed when the stage ends)."""
-
-    def __init__(self, offload: OffloadCallback) -> None:
-        self.offload = offload
-        self.plan: OffloadPlan | None = None
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.offload.handle is not None:
-            self.plan = self.offload.handle.plan
 
 
 def random_prompts(cfg: DictConfig, vocab_size: int) -> DataLoader:
@@ -91,13 +78,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     )
 
     offload = OffloadCallback(cfg.offload)  # validates; errors name the offending key
-    keep_plan = KeepPlan(offload)
-    trainer = Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[offload, keep_plan]
-    )
+    trainer = Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[offload])
     predictions = trainer.predict(module, random_prompts(cfg.data, cfg.model.vocab_size))
 
-    plan, stats = keep_plan.plan, offload.last_stats
+    plan, stats = offload.last_plan, offload.last_stats
     if plan is None or stats is None:
         raise SystemExit("error: nothing was offloaded; this example needs offload=uva")
     assert predictions is not None  # trainer.predict returns them unless told not to
