@@ -64,6 +64,7 @@ class DeviceRuntime:
         self.device = device
         self.is_accelerator = device.type != "cpu"
         self.is_cuda = device.type == "cuda"
+        self._null = NullStream()
 
     def new_stream(self) -> Any:
         """A new side stream (the copy stream), or a :class:`NullStream` on CPU."""
@@ -74,7 +75,7 @@ class DeviceRuntime:
     def current_stream(self) -> Any:
         """The stream compute is issued on right now (changes under ``with stream:``)."""
         if not self.is_accelerator:
-            return NullStream()
+            return self._null  # called in every layer's hooks: no allocation
         return torch.accelerator.current_stream(self.device)
 
     def synchronize(self) -> None:
