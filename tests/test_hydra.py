@@ -225,3 +225,14 @@ def test_the_plain_app_gets_type_errors_at_compose_time(plain_app, override, fra
     assert result.returncode != 0
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_plugin_does_not_load_torch_into_every_hydra_app():
+    code = (
+        "import sys, hydra_plugins.hydra_offload.searchpath; "
+        "print('torch' in sys.modules, 'lightning' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["False", "False"]
