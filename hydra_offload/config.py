@@ -230,7 +230,8 @@ class OffloadConfig(_Frozen):
 
     layers: str | tuple[str, ...] | None = None
     """Dotted path(s), from the model root, of the layer stack(s) the prefetch backend walks,
-    e.g. ``model.layers`` or ``[encoder.block, decoder.block]``. ``null``: auto-detect."""
+    e.g. ``model.layers`` or ``[encoder.block, decoder.block]`` (a list of one path is stored
+    as that path). ``null``: auto-detect."""
 
     @field_validator("layers", mode="before")
     @classmethod
