@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterable
@@ -135,6 +136,25 @@ class _Frozen(BaseModel):
     """Shared model settings: immutable, unknown keys rejected, docstrings as descriptions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        # Says which keys exist (and the likely one) instead of pydantic's bare
+        # "extra inputs are not permitted"; extra="forbid" stays as the backstop.
+        if isinstance(data, dict):
+            allowed = list(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    close = difflib.get_close_matches(str(key), allowed, n=1)
+                    hint = f"did you mean '{close[0]}'? " if close else ""
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key {quoted}; {hint}allowed keys: {allowed}",
+                        {"quoted": repr(key), "name": str(key), "hint": hint,
+                         "allowed": ", ".join(allowed)},
+                    )  # fmt: skip
+        return data
 
     @field_serializer("*", when_used="always")
     def _sorted_sets(self, value: Any) -> Any:

@@ -183,8 +183,12 @@ def _describe(err: ValidationError, key: str, data: Any) -> list[tuple[str, str]
             value = _lookup(data, loc)
         else:
             value = error["input"]
+        if error["type"] == "unknown_key":
+            loc = (*loc, ctx["name"])
         dotted = ".".join((key, *loc)) if key else ".".join(loc)
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "unknown_key":
+            message = error["msg"].replace(f"unknown key {ctx['quoted']}", "unknown key", 1)
+        elif error["type"] == "extra_forbidden":
             message = _unknown_key(loc)
         elif isinstance(value, (Mapping, list)) and not loc:
             message = error["msg"]

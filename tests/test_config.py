@@ -184,19 +184,22 @@ def test_resolved_backend_follows_the_auto_rule(backend, gb, group, resolved):
 
 
 @pytest.mark.parametrize(
-    ("data", "loc"),
+    ("data", "loc", "hint"),
     [
-        ({"offload_backnd": "uva"}, ("offload_backnd",)),
-        ({"prefetch": {"offload_group_sise": 8}}, ("prefetch", "offload_group_sise")),
-        ({"uva": {"cpu_offload_GB": 1}}, ("uva", "cpu_offload_GB")),
+        ({"offload_backnd": "uva"}, (), "did you mean 'offload_backend'?"),
+        ({"prefetch": {"offload_group_sise": 8}}, ("prefetch",), "'offload_group_size'"),
+        ({"uva": {"cpu_offload_GB": 1}}, ("uva",), "allowed keys: cpu_offload_gb"),
     ],
 )
-def test_unknown_keys_are_rejected_by_name(data, loc):
+def test_unknown_keys_are_rejected_by_name_with_the_allowed_keys(data, loc, hint):
     with pytest.raises(ValidationError) as info:
         OffloadConfig.model_validate(data)
     (error,) = info.value.errors()
-    assert error["type"] == "extra_forbidden"
+    assert error["type"] == "unknown_key"
     assert error["loc"] == loc
+    unknown = next(iter(data[loc[0]] if loc else data))
+    assert f"unknown key '{unknown}'" in error["msg"]
+    assert hint in error["msg"]
 
 
 @pytest.mark.parametrize("value", [["experts", "w2"], ("experts", "w2"), {"experts", "w2"}])
