@@ -11,6 +11,8 @@ MODULES = [
     "hydra_offload",
     "hydra_offload.config",
     "hydra_offload.hydra",
+    "hydra_offload.lightning",
+    "hydra_offload.models.lightning",
     "hydra_offload.models.decoder",
     "hydra_offload.offload",
     "hydra_offload.plan",
@@ -20,6 +22,7 @@ MODULES = [
     "hydra_offload.runtime.pool",
     "hydra_offload.selection",
     "hydra_offload.stacks",
+    "hydra_offload.sweep",
 ]
 
 
