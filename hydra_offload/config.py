@@ -321,22 +321,37 @@ class OffloadConfig(_Frozen):
     def _cross_field_rules(self) -> OffloadConfig:
         prefetch = self.prefetch
         if self.prefetch_enabled:
+            why = (
+                "offload_backend='prefetch'"
+                if prefetch.offload_group_size == 0
+                else f"offload_group_size = {prefetch.offload_group_size} > 0"
+            )
             if prefetch.offload_num_in_group > prefetch.offload_group_size:
+                hint = (
+                    "; offload_backend='prefetch' needs offload_group_size > 0"
+                    if prefetch.offload_group_size == 0
+                    else ""
+                )
                 raise PydanticCustomError(
                     "offload_constraint",
-                    "offload_num_in_group ({k}) must be <= offload_group_size ({g})",
+                    "offload_num_in_group ({k}) must be <= offload_group_size ({g}){hint}",
                     {
                         "key": "prefetch.offload_num_in_group",
                         "k": prefetch.offload_num_in_group,
                         "g": prefetch.offload_group_size,
+                        "hint": hint,
                     },
                 )
             if prefetch.offload_prefetch_step < 1:
                 raise PydanticCustomError(
                     "offload_constraint",
                     "offload_prefetch_step ({s}) must be >= 1 when prefetch offloading is "
-                    "enabled (offload_group_size > 0)",
-                    {"key": "prefetch.offload_prefetch_step", "s": prefetch.offload_prefetch_step},
+                    "enabled ({why})",
+                    {
+                        "key": "prefetch.offload_prefetch_step",
+                        "s": prefetch.offload_prefetch_step,
+                        "why": why,
+                    },
                 )
         message = self._conflict()
         if message:

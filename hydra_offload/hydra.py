@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -148,6 +149,8 @@ def to_offload_config(cfg: Any, *, key: str = "offload") -> OffloadConfig:
     """
     if isinstance(cfg, OffloadConfig):
         return cfg
+    if isinstance(cfg, argparse.Namespace):  # jsonargparse (LightningCLI) hands these over
+        cfg = _namespace_dict(cfg)
     if isinstance(cfg, DictConfig):
         data: Any = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     elif isinstance(cfg, Mapping):
@@ -160,6 +163,13 @@ def to_offload_config(cfg: Any, *, key: str = "offload") -> OffloadConfig:
         return OffloadConfig.model_validate(data)
     except ValidationError as err:
         raise OffloadConfigError(_describe(err, key, data)) from None
+
+
+def _namespace_dict(namespace: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: _namespace_dict(value) if isinstance(value, argparse.Namespace) else value
+        for key, value in vars(namespace).items()
+    }
 
 
 def _plain(value: Any) -> Any:
