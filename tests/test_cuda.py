@@ -180,3 +180,18 @@ def test_callback_runs_a_model_larger_than_the_memory_cap(config):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("config", [uva(0.05), PREFETCH], ids=["uva", "prefetch"])
+@torch.no_grad()
+def test_parameters_still_on_the_cpu_are_offloaded_for_a_cuda_device(config):
+    torch.manual_seed(0)
+    model = DecoderLM(vocab_size=1024, hidden_size=1024, num_layers=8, num_heads=8,
+                      intermediate_size=2816).eval()  # fmt: skip
+    ids = torch.randint(0, 1024, (2, 64))
+    expected = model.cuda()(ids.cuda())
+    model.cpu()
+    with apply_offload(model, config, device="cuda") as handle:
+        model.to("cuda")  # the rest follows; offloaded weights stay where the offload put them
+        assert torch.equal(model(ids.cuda()), expected)
+        assert handle.stats.stalls == 0
