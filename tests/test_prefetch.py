@@ -539,3 +539,31 @@ def test_steps_with_a_closure_update_the_offloaded_weights(optimizer_class):
             for _ in range(3):
                 optimizer.step(closure)
         assert torch.equal(model(ids), reference(ids))
+
+
+def test_training_with_activation_checkpointed_layers_matches_the_unoffloaded_run():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = small_decoder()
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.lm.embed_tokens(ids)
+            for layer in self.lm.layers:
+                hidden = checkpoint(layer, hidden, use_reentrant=False)
+            return self.lm.lm_head(self.lm.norm(hidden))
+
+    model = Checkpointed().train()
+    reference = copy.deepcopy(model)
+    ids = token_ids()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
+    with apply_offload(model, prefetch(2)):
+        for _ in range(3):
+            for m, optimizer in zip((model, reference), optimizers, strict=True):
+                m(ids).logsumexp(-1).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        with torch.no_grad():
+            assert torch.equal(model(ids), reference(ids))
