@@ -54,7 +54,9 @@ __all__ = ["PrefetchOffload"]
 class _Layer:
     """An offloaded layer: the (slot, host tensor) pairs its load copies."""
 
-    __slots__ = ("copies", "grad_hooks", "hosts", "nbytes", "next_users", "ready", "slots")
+    __slots__ = (
+        "copies", "grad_hooks", "hosts", "nbytes", "next_users", "ready", "recording", "slots",
+    )  # fmt: skip
 
     def __init__(self, copies: list[tuple[Slot, torch.Tensor]]) -> None:
         self.copies = copies
@@ -62,6 +64,8 @@ class _Layer:
         self.hosts = {slot.tensor.untyped_storage().data_ptr(): host for slot, host in copies}
         """Which host tensor holds this layer's true weights for each slot's storage."""
         self.grad_hooks: Any = None
+        """The layer's saved-tensor hooks (made once by its ring, entered per forward)."""
+        self.recording = False
         self.nbytes = sum(host.numel() * host.element_size() for _, host in copies)
         self.ready: Any = None
         self.next_users: list[_Layer] = []
@@ -85,6 +89,10 @@ class _Ring:
         counters: Counters,
     ) -> None:
         self.layers = layers
+        for layer in layers:
+            layer.grad_hooks = torch.autograd.graph.saved_tensors_hooks(
+                partial(self._pack, layer), self._unpack
+            )
         self.timer = WaitTimer(runtime.device, len(layers)) if runtime.is_cuda else None
         self.ring_id = ops.register_ring(self)
         self.runtime = runtime
@@ -169,17 +177,15 @@ class _Ring:
         if torch.is_grad_enabled():
             # Autograd would keep the slot itself for backward, and by then the slot holds
             # another layer's weights: save a reference to the host copy instead.
-            layer.grad_hooks = torch.autograd.graph.saved_tensors_hooks(
-                partial(self._pack, layer), self._unpack
-            )
             layer.grad_hooks.__enter__()
+            layer.recording = True
 
     def end(self, position: int) -> None:
         """Mark the layer's slots free after its compute and start the next copies."""
         layer = self.layers[position]
-        if layer.grad_hooks is not None:
+        if layer.recording:
             layer.grad_hooks.__exit__(None, None, None)
-            layer.grad_hooks = None
+            layer.recording = False
         done = self.runtime.current_stream().record_event()
         for slot in layer.slots:
             slot.free = done
