@@ -12,6 +12,7 @@ MODULES = [
     "hydra_offload.config",
     "hydra_offload.hydra",
     "hydra_offload.lightning",
+    "hydra_offload.measure",
     "hydra_offload.models.lightning",
     "hydra_offload.models.decoder",
     "hydra_offload.offload",
