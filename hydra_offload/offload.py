@@ -125,6 +125,9 @@ class OffloadHandle:
             )
         self._running = me
         self._counters.forwards += 1
+        started = getattr(self._installed, "forward_started", None)
+        if started is not None:
+            started()
 
     def _leave_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():

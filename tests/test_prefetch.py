@@ -164,8 +164,9 @@ def test_two_layer_stacks_keep_outputs_identical():
     config = prefetch(2, 1, 1, layers=["encoder", "decoder"])
     with apply_offload(model, config) as handle:
         assert [s.offloaded_layers for s in handle.plan.stacks] == [(1, 3), (1, 3)]
-        for _ in range(3):
-            assert torch.equal(run(x), expected)
+        with torch.no_grad():  # the layers are called directly: see the recorded-forward test
+            for _ in range(3):
+                assert torch.equal(run(x), expected)
         assert handle.stats.stalls == 0
 
 
@@ -418,7 +419,8 @@ def test_in_order_forwards_load_each_offloaded_layer_once(group, k, step):
         assert (stats.forwards, stats.h2d_bytes, stats.loads) == (0, 0, 0)
         assert stats.h2d_bytes_per_forward is None
         for forwards in range(1, 4):
-            model(ids)
+            with torch.no_grad():
+                model(ids)
             stats = handle.stats
             assert stats.forwards == forwards
             assert stats.h2d_bytes_per_forward == handle.plan.offloaded_bytes
@@ -434,11 +436,34 @@ def test_a_layer_alone_in_its_slots_is_loaded_once_and_never_again():
         alone = sum(p.nbytes for p in handle.plan.params if p.layer == 3)
         assert {p.slot for p in handle.plan.params if p.layer == 3} == {1}
         for forwards in range(1, 4):
-            model(ids)
+            with torch.no_grad():
+                model(ids)
             stats = handle.stats
             assert stats.h2d_bytes == forwards * (handle.plan.offloaded_bytes - alone)
             assert stats.loads == 2 * forwards
             assert stats.stalls == 0
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_a_recorded_forward_keeps_the_last_layers_for_backward(step):
+    model = small_decoder()
+    ids = token_ids()
+    with apply_offload(model, prefetch(1, 1, step)) as handle:
+        ring = handle._installed.rings[0]
+        n = len(ring.layers)
+        loss = model(ids).logsumexp(-1).mean()
+        # The wrap-around copies of the first layers are held back: backward starts at the end.
+        assert [ring.holds(layer) for layer in ring.layers[-step:]] == [True] * step
+        assert handle.stats.loads == n - step
+        loss.backward()
+        # Backward walked back and loaded the others: the next forward starts without a stall.
+        assert handle.stats.loads == 2 * (n - step)
+        assert [ring.holds(layer) for layer in ring.layers[:step]] == [True] * step
+        model(ids)
+        # A recorded forward with no backward: the next forward of the model loads the held
+        # back layers as it starts, before any layer runs.
+        model(ids)
+        assert handle.stats.stalls == 0
 
 
 def test_stalls_count_the_on_demand_loads():

@@ -1,7 +1,7 @@
 """The prefetch backend: offloaded layers' weights stream through a static device pool.
 
-Each offloaded parameter's ``.data`` points at a slot of the :class:`BufferPool` for the whole
-offload. Per layer stack, a ring walks the offloaded layers: when offloaded layer ``j``
+Each offloaded parameter's ``.data`` points at a slot of the :class:`BufferPool` while its
+layer computes. Per layer stack, a ring walks the offloaded layers: when offloaded layer ``j``
 finishes, the copy of offloaded layer ``(j + step) mod n`` into the slots ``j`` just used is
 queued on the copy stream, after an event that marks the end of ``j``'s compute. Before a
 layer computes, the compute stream waits (on the device, never on the host) for the event
@@ -15,11 +15,23 @@ in registration order.
 ``state_dict()`` reports the true weights from host storage and ``load_state_dict()`` writes
 into host storage, so checkpoints never see a slot's contents.
 
-Training works, correctly if not yet fast: while autograd records an offloaded layer, what it
-saves of the layer's weights is a reference to their host copy, fetched back when backward
-needs it (a slot would hold another layer's weights by then); and an optimizer step updates
-offloaded parameters in host storage, their gradients copied there first, after which the
-slots reload.
+Training. Autograd saves views of the slots, so a layer's backward must find its own weights
+there again. A forward recorded by autograd puts a gradient hook on each offloaded layer's
+outputs (its backward is about to start) and inputs (its backward is done), and keeps the
+last ``step`` layers in their slots instead of copying the first ones in for the next forward.
+Backward then walks the ring in reverse: when layer ``j``'s backward is done, layer
+``j - step`` is copied into its slots, ``step`` layers ahead, on the copy stream; a layer
+whose slots hold anything else when its backward starts loads on demand (a stall), as in the
+forward. Recomputation (activation checkpointing) runs inside the layer's backward, where its
+weights are.
+
+The gradient of each trainable offloaded parameter goes to page-locked host memory as soon as
+autograd has accumulated it (device to host, on a second stream, while backward goes on) and
+the device copy is released. When backward ends, those parameters point at their host weights
+and host gradients: gradient clipping and the optimizer step work on them there (the
+optimizer's state lives in host memory too), and the next forward copies the updated weights
+in. Gradient accumulation adds into the host gradient; ``zero_grad()`` starts it again.
+Whether a parameter trains is read when the offload is applied.
 """
 
 from __future__ import annotations
@@ -34,43 +46,62 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
+from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
-from hydra_offload.runtime.params import (
-    OffloadedParam,
-    Staged,
-    point_at,
-    restore,
-    stage_to_host,
-)
+from hydra_offload.runtime.host import HostStorage
+from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
 from hydra_offload.runtime.timing import WaitTimer
 
 __all__ = ["PrefetchOffload"]
+
+
+class _Param:
+    """An offloaded parameter of a layer: its slot, its host copy, and its host gradient."""
+
+    __slots__ = ("accumulate", "host", "host_grad", "on_host", "param", "slot")
+
+    def __init__(self, param: nn.Parameter, slot: torch.Tensor, host: torch.Tensor) -> None:
+        self.param = param
+        self.slot = slot
+        self.host = host
+        self.host_grad: torch.Tensor | None = None
+        """Where the parameter's gradient is accumulated (host memory), made on first use."""
+        self.accumulate = False
+        """Whether the next gradient adds to ``host_grad`` (no ``zero_grad`` since the last)."""
+        self.on_host = False
+        """Whether ``.data`` / ``.grad`` point at host storage (after a backward, for the
+        optimizer) instead of the slot."""
 
 
 class _Layer:
     """An offloaded layer: the (slot, host tensor) pairs its load copies."""
 
     __slots__ = (
-        "copies", "grad_hooks", "hosts", "nbytes", "next_users", "ready", "recording", "slots",
+        "copies", "in_backward", "nbytes", "next_users", "on_host", "params", "position",
+        "prev_users", "ready", "slots",
     )  # fmt: skip
 
-    def __init__(self, copies: list[tuple[Slot, torch.Tensor]]) -> None:
+    def __init__(self, position: int, copies: list[tuple[Slot, torch.Tensor]]) -> None:
+        self.position = position
         self.copies = copies
         self.slots = [slot for slot, _ in copies]
-        self.hosts = {slot.tensor.untyped_storage().data_ptr(): host for slot, host in copies}
-        """Which host tensor holds this layer's true weights for each slot's storage."""
-        self.grad_hooks: Any = None
-        """The layer's saved-tensor hooks (made once by its ring, entered per forward)."""
-        self.recording = False
+        self.params: list[_Param] = []
         self.nbytes = sum(host.numel() * host.element_size() for _, host in copies)
         self.ready: Any = None
         self.next_users: list[_Layer] = []
         """The layers that use this layer's slots next, in ring order: what to prefetch
-        once this layer is done."""
+        once this layer's forward is done."""
+        self.prev_users: list[_Layer] = []
+        """The layers that use this layer's slots before it: what to prefetch once this
+        layer's backward is done (backward walks the ring in reverse)."""
+        self.in_backward = False
+        """Backward has reached this layer and not yet left it: its slots stay its own."""
+        self.on_host = False
+        """Some of its parameters point at host storage (see :attr:`_Param.on_host`)."""
 
 
 class _Ring:
@@ -78,7 +109,9 @@ class _Ring:
 
     Layer ``j`` uses slot position ``j % step`` (see the plan), so the next user of the
     slots ``j`` frees is offloaded layer ``j + step``, wrapping around at the end of the
-    stack: the copy for the next forward starts during this one.
+    stack: the copy for the next forward starts during this one. Backward walks the ring the
+    other way: when layer ``j``'s backward is done, layer ``j - step`` is copied into its
+    slots.
     """
 
     def __init__(
@@ -87,29 +120,35 @@ class _Ring:
         runtime: DeviceRuntime,
         copy_stream: Any,
         counters: Counters,
+        backend: PrefetchOffload,
     ) -> None:
         self.layers = layers
-        for layer in layers:
-            layer.grad_hooks = torch.autograd.graph.saved_tensors_hooks(
-                partial(self._pack, layer), self._unpack
-            )
         self.timer = WaitTimer(runtime.device, len(layers)) if runtime.is_cuda else None
         self.ring_id = ops.register_ring(self)
         self.runtime = runtime
         self.copy_stream = copy_stream
         self.counters = counters
+        self.backend = backend
+        self.deferred: list[_Layer] = []
+        """Wrap-around loads held back at the end of a recorded forward."""
         users: dict[int, list[int]] = defaultdict(list)
         for position, layer in enumerate(layers):
             for slot in layer.slots:
                 users[id(slot)].append(position)
         for position, layer in enumerate(layers):
             following: list[_Layer] = []
+            preceding: list[_Layer] = []
             for slot in layer.slots:
                 order = users[id(slot)]
-                nxt = layers[order[(order.index(position) + 1) % len(order)]]
+                here = order.index(position)
+                nxt = layers[order[(here + 1) % len(order)]]
+                prev = layers[order[here - 1]]
                 if nxt is not layer and nxt not in following:
                     following.append(nxt)
+                if prev is not layer and prev not in preceding:
+                    preceding.append(prev)
             layer.next_users = following
+            layer.prev_users = preceding
 
     @staticmethod
     def holds(layer: _Layer) -> bool:
@@ -120,8 +159,18 @@ class _Ring:
         """Whether loading ``layer`` now overwrites nothing a pending layer still needs."""
         return all(s.owner is None or s.owner is layer or s.used for s in layer.slots)
 
-    def load(self, layer: _Layer) -> None:
-        """Queue the copy of ``layer``'s weights into its slots on the copy stream."""
+    def load(self, layer: _Layer, *, now: bool = False) -> None:
+        """Queue the copy of ``layer``'s weights into its slots on the copy stream.
+
+        ``now``: the copy goes after everything queued on the compute stream so far (a load
+        on demand, which may take slots whose last reader was not marked).
+        """
+        if now:
+            done = self.runtime.current_stream().record_event()
+            for slot in layer.slots:
+                slot.free = done
+                if isinstance(slot.owner, _Layer) and slot.owner is not layer:
+                    slot.owner.in_backward = False
         stream = self.copy_stream
         with stream:
             for slot in layer.slots:
@@ -142,9 +191,9 @@ class _Ring:
         """Forward pre-hook of offloaded layer ``position``.
 
         Compiled without gradients, the step is a custom operator (see :mod:`runtime.ops`),
-        so the graph has no break. With gradients, the step must also swap what autograd
-        saves (``saved_tensors_hooks``), which the compiler does not trace: the graph breaks
-        there and the step runs eagerly.
+        so the graph has no break. With gradients, the step also sets up backward (tensor
+        hooks), which the compiler does not trace: the graph breaks there and the step runs
+        eagerly.
         """
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             anchor = ops.first_tensor((args, kwargs))
@@ -152,7 +201,7 @@ class _Ring:
                 ops.layer_begin(anchor, self.ring_id, position)
                 return
             torch._dynamo.graph_break()  # nothing to order the weights' reads after
-        self.begin(position)
+        self.begin(position, (args, kwargs))
 
     def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook of offloaded layer ``position`` (also called when it raised)."""
@@ -162,55 +211,106 @@ class _Ring:
                 ops.layer_end(anchor, self.ring_id, position)
                 return
             torch._dynamo.graph_break()
-        self.end(position)
+        self.end(position, output)
 
-    def begin(self, position: int) -> None:
+    def _acquire(self, layer: _Layer) -> None:
         """Make the compute stream wait for the layer's weights, loading them if needed."""
-        layer = self.layers[position]
         if not self.holds(layer):
             self.counters.stalls += 1
-            self.load(layer)
+            self.load(layer, now=True)
         if self.timer is None:
             self.runtime.current_stream().wait_event(layer.ready)
         else:
-            self.timer.wait(position, self.runtime.current_stream(), layer.ready)
-        if torch.is_grad_enabled():
-            # Autograd would keep the slot itself for backward, and by then the slot holds
-            # another layer's weights: save a reference to the host copy instead.
-            layer.grad_hooks.__enter__()
-            layer.recording = True
+            self.timer.wait(layer.position, self.runtime.current_stream(), layer.ready)
+        if layer.on_host:
+            self.backend.params_to_slots(layer)
 
-    def end(self, position: int) -> None:
-        """Mark the layer's slots free after its compute and start the next copies."""
+    def begin(self, position: int, inputs: Any = None) -> None:
+        """Before the layer's forward: its weights in its slots; with gradients, a hook on
+        its inputs that tells when its backward is done."""
         layer = self.layers[position]
-        if layer.recording:
-            layer.grad_hooks.__exit__(None, None, None)
-            layer.recording = False
+        self._acquire(layer)
+        if not layer.in_backward:
+            # A forward outside backward: a backward that raised never ran its end callback.
+            self.backend.callback_queued = False
+        if layer.in_backward or inputs is None or not torch.is_grad_enabled():
+            return  # (in backward: a recomputation, e.g. activation checkpointing)
+        for tensor in _tensors(inputs):
+            # Not on leaves: their gradient hook may run before the layer's last node.
+            if tensor.requires_grad and tensor.grad_fn is not None:
+                tensor.register_hook(partial(self._input_grad, layer))
+
+    def end(self, position: int, output: Any = None) -> None:
+        """After the layer's forward: mark its slots free and start the next copies."""
+        layer = self.layers[position]
+        if layer.in_backward:
+            return  # a recomputation inside its own backward: the slots stay its own
         done = self.runtime.current_stream().record_event()
         for slot in layer.slots:
             slot.free = done
             slot.used = True
+        recorded = False
+        if output is not None and torch.is_grad_enabled():
+            for tensor in _tensors(output):
+                if tensor.requires_grad and tensor.grad_fn is not None:
+                    tensor.register_hook(partial(self._output_grad, layer))
+                    recorded = True
         for upcoming in layer.next_users:
+            if recorded and upcoming.position < position:
+                # Backward starts from the end of the stack: keep these slots for it. If the
+                # next forward comes first, it loads them as it starts.
+                self.deferred.append(upcoming)
+                continue
             if not self.holds(upcoming) and self.can_fill(upcoming):
                 self.load(upcoming)
 
-    def _pack(self, layer: _Layer, tensor: torch.Tensor) -> Any:
-        if tensor.device == self.runtime.device and tensor.layout == torch.strided:
-            host = layer.hosts.get(tensor.untyped_storage().data_ptr())
-            if host is not None:
-                return _SavedWeight(host, tensor)
-        return tensor
+    def forward_started(self) -> None:
+        """The model's forward starts: the copies a recorded forward held back for a
+        backward that has not come are issued now."""
+        deferred, self.deferred = self.deferred, []
+        for layer in deferred:
+            if not self.holds(layer) and self.can_fill(layer):
+                self.load(layer)
 
-    def _unpack(self, saved: Any) -> torch.Tensor:
-        if not isinstance(saved, _SavedWeight):
-            return saved
-        host = saved.host
-        weights = torch.empty_strided(
-            host.shape, host.stride(), dtype=host.dtype, device=self.runtime.device
-        )
-        weights.copy_(host, non_blocking=True)
-        self.counters.h2d_bytes += host.numel() * host.element_size()
-        return weights.as_strided(saved.size, saved.stride, saved.offset)
+    def _output_grad(self, layer: _Layer, grad: torch.Tensor) -> None:
+        """Backward reached one of the layer's outputs: none of its nodes has run yet."""
+        if layer.in_backward:
+            return
+        # Autograd runs the nodes of the latest forward call first, one call after the
+        # other: any layer still marked in backward is done.
+        for other in self.layers:
+            if other.in_backward:
+                self.end_backward(other)
+        self.backend.backward_started()
+        self.deferred = []
+        self._acquire(layer)
+        self.backend.grads_off(layer)
+        layer.in_backward = True
+        for slot in layer.slots:
+            slot.used = False  # in use until its backward is done
+
+    def _input_grad(self, layer: _Layer, grad: torch.Tensor) -> None:
+        """The gradient of one of the layer's inputs is complete: its backward is done."""
+        if layer.in_backward:
+            self.end_backward(layer)
+
+    def end_backward(self, layer: _Layer) -> None:
+        """Free the layer's slots after its backward and copy in the layer before it."""
+        layer.in_backward = False
+        done = self.runtime.current_stream().record_event()
+        for slot in layer.slots:
+            slot.free = done
+            slot.used = True
+        for earlier in layer.prev_users:
+            later = earlier.position < layer.position  # the wrap-around is the next forward's
+            if later and not self.holds(earlier) and self.can_fill(earlier):
+                self.load(earlier)
+
+    def backward_done(self) -> None:
+        """The whole backward pass is over: no layer is in it any more."""
+        for layer in self.layers:
+            if layer.in_backward:
+                self.end_backward(layer)
 
     def preload(self) -> None:
         """Fill the empty slots with the first offloaded layers, as the wrap-around would."""
@@ -218,23 +318,16 @@ class _Ring:
             if not self.holds(layer) and all(s.owner is None for s in layer.slots):
                 self.load(layer)
 
-    @staticmethod
-    def invalidate(layer: _Layer) -> None:
-        """Forget what ``layer``'s slots hold (their contents were overwritten)."""
+    def invalidate(self, layer: _Layer) -> None:
+        """Forget what ``layer``'s slots hold (their contents were overwritten or stale)."""
+        done = self.runtime.current_stream().record_event()
         for slot in layer.slots:
             slot.owner = None
+            slot.free = done
 
 
-class _SavedWeight:
-    """What autograd keeps of a layer's weight: where the true values are, and the view."""
-
-    __slots__ = ("host", "offset", "size", "stride")
-
-    def __init__(self, host: torch.Tensor, tensor: torch.Tensor) -> None:
-        self.host = host
-        self.size = tensor.size()
-        self.stride = tensor.stride()
-        self.offset = tensor.storage_offset()
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 class PrefetchOffload:
@@ -246,6 +339,7 @@ class PrefetchOffload:
         self.runtime = runtime
         self.counters = counters
         self._hooks: list[RemovableHandle] = []
+        self._grad_storage: list[HostStorage] = []
         params = dict(model.named_parameters())
         self.staged: Staged = stage_to_host(
             [(p.name, params[p.name]) for p in plan.params],
@@ -280,22 +374,27 @@ class PrefetchOffload:
         copy_stream = self.runtime.new_stream()
         # The pool's memory may have been used by compute just before; copies go after it.
         copy_stream.wait_stream(self.runtime.current_stream())
+        self.grad_stream = self.runtime.new_stream()
+        """Gradients of offloaded parameters go to host memory on this stream."""
         self.rings: list[_Ring] = []
-        self._slot_of: dict[int, tuple[OffloadedParam, torch.Tensor]] = {}
+        self._params: dict[int, _Param] = {}
         for stack_plan in plan.stacks:
             stack = model.get_submodule(stack_plan.path) if stack_plan.path else model
             layers = []
-            for index in stack_plan.offloaded_layers:
+            for position, index in enumerate(stack_plan.offloaded_layers):
                 copies = []
+                entries = []
                 for p in by_layer[(stack_plan.path, index)]:
                     key = (p.stack, p.local_name, p.shape, p.stride, p.dtype)
                     slot = entry_of[key][p.slot or 0]
-                    entry = host_of[p.name]
-                    entry.param.data = slot.tensor
-                    self._slot_of[id(entry.param)] = (entry, slot.tensor)
-                    copies.append((slot, entry.host))
-                layers.append(_Layer(copies))
-            ring = _Ring(layers, self.runtime, copy_stream, self.counters)
+                    staged = host_of[p.name]
+                    staged.param.data = slot.tensor
+                    copies.append((slot, staged.host))
+                    entries.append(_Param(staged.param, slot.tensor, staged.host))
+                layer = _Layer(position, copies)
+                layer.params = entries
+                layers.append(layer)
+            ring = _Ring(layers, self.runtime, copy_stream, self.counters, self)
             self.rings.append(ring)
             for position, index in enumerate(stack_plan.offloaded_layers):
                 module = stack[index]
@@ -303,62 +402,169 @@ class PrefetchOffload:
             ring.preload()
         # The preload belongs to setup, not to any forward: count from here.
         self.counters.loads = self.counters.h2d_bytes = 0
-        self._stepping: dict[int, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}
+        self._layer_of: dict[int, tuple[_Ring, _Layer]] = {}
+        for ring in self.rings:
+            for layer in ring.layers:
+                for entry in layer.params:
+                    self._params[id(entry.param)] = entry
+                    self._layer_of[id(entry.param)] = (ring, layer)
+                    if not entry.param.requires_grad:
+                        continue  # frozen: read when the offload is applied
+                    self._hooks.append(
+                        entry.param.register_post_accumulate_grad_hook(
+                            partial(self._grad_ready, entry)
+                        )
+                    )
+        self._pending: list[tuple[_Param, torch.Tensor]] = []
+        self._with_grad: dict[int, _Param] = {}
+        self.callback_queued = False
         self._hooks += [
             register_optimizer_step_pre_hook(self._before_step),
             register_optimizer_step_post_hook(self._after_step),
         ]
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-        """An optimizer is about to update parameters: the offloaded ones it holds are
-        updated in host storage (their true weights), with their gradients copied there.
+    # -- training ---------------------------------------------------------------------------
 
-        With a closure (``optimizer.step(closure)``, as Lightning calls it), the gradients
-        exist only once the closure has run: the move happens right after it returns.
-        """
-        # ``args`` are step()'s positional arguments, the optimizer itself first.
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self._to_host(optimizer)
-            return None
+    def forward_started(self) -> None:
+        """Called by the handle as the model's forward starts."""
+        for ring in self.rings:
+            if ring.deferred:
+                ring.forward_started()
 
-        def closure_then_to_host() -> Any:
-            loss = closure()
-            self._to_host(optimizer)
-            return loss
+    def backward_started(self) -> None:
+        """Arrange for :meth:`_backward_finished` to run when this backward pass ends."""
+        if not self.callback_queued:
+            self.callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
 
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_to_host}
-        return (args[0], closure_then_to_host, *args[2:]), kwargs
+    def _host_grad(self, entry: _Param) -> torch.Tensor:
+        if entry.host_grad is None:
+            # Every offloaded parameter that trains gets its host gradient at once: one
+            # exact-size (page-locked on CUDA) buffer instead of one allocation each.
+            missing = [e for e in self._params.values() if e.host_grad is None and
+                       (e.param.requires_grad or e is entry)]  # fmt: skip
+            storage = HostStorage(
+                [(tuple(e.host.shape), tuple(e.host.stride()), e.host.dtype) for e in missing],
+                pin_for=self.runtime.device if self.runtime.is_cuda else None,
+            )
+            self._grad_storage.append(storage)
+            for e, tensor in zip(missing, storage.tensors, strict=True):
+                e.host_grad = tensor
+        assert entry.host_grad is not None
+        return entry.host_grad
 
-    def _to_host(self, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) in self._stepping:  # a closure called again (e.g. LBFGS)
+    def _grad_ready(self, entry: _Param, param: torch.Tensor) -> None:
+        """A gradient of an offloaded parameter is complete on the device: add it to the host
+        gradient, on the gradient stream, and release the device copy."""
+        grad = param.grad
+        if grad is None:
             return
-        moved = []
+        if grad is entry.host_grad:  # autograd added to it in place (a layer not hooked)
+            self._with_grad[id(param)] = entry
+            self.backward_started()
+            return
+        host_grad = self._host_grad(entry)
+        if self.runtime.is_accelerator:
+            stream = self.grad_stream
+            stream.wait_stream(self.runtime.current_stream())
+            with stream:
+                if entry.accumulate:
+                    staging = torch.empty_like(host_grad, pin_memory=True)
+                    staging.copy_(grad, non_blocking=True)
+                    self._pending.append((entry, staging))
+                else:
+                    host_grad.copy_(grad, non_blocking=True)
+            grad.record_stream(stream)
+        elif entry.accumulate:
+            host_grad.add_(grad)
+        else:
+            host_grad.copy_(grad)
+        entry.accumulate = True
+        param.grad = None
+        self._with_grad[id(param)] = entry
+        self.backward_started()
+
+    def _backward_finished(self) -> None:
+        """After backward: host gradients complete, trained parameters pointed at host
+        storage (where the optimizer updates them), every slot free again."""
+        self.callback_queued = False
+        if self.runtime.is_accelerator:
+            self.grad_stream.synchronize()
+        for entry, staging in self._pending:
+            assert entry.host_grad is not None
+            entry.host_grad.add_(staging)
+        self._pending = []
+        for ring in self.rings:
+            ring.backward_done()
+        for entry in self._with_grad.values():
+            if not entry.on_host:
+                entry.param.data = entry.host
+                entry.on_host = True
+                self._layer_of[id(entry.param)][1].on_host = True
+            entry.param.grad = entry.host_grad
+        self._with_grad = {}
+
+    def params_to_slots(self, layer: _Layer) -> None:
+        """Point the layer's parameters back at its slots before it computes again.
+
+        Their gradients stay in host storage until the layer's backward starts (see
+        :meth:`grads_off`): ``zero_grad()`` may still come in between, as Lightning calls it
+        after the forward of the first micro-batch.
+        """
+        for entry in layer.params:
+            if entry.on_host:
+                entry.param.data = entry.slot
+                entry.on_host = False
+        layer.on_host = False
+
+    def grads_off(self, layer: _Layer) -> None:
+        """The layer's backward is about to accumulate gradients: take the host gradients
+        off the parameters; the new ones add to them unless ``zero_grad()`` dropped them."""
+        for entry in layer.params:
+            if not entry.param.requires_grad:
+                continue  # frozen: no gradient hook, nothing of ours to manage
+            grad = entry.param.grad
+            if grad is None:
+                entry.accumulate = False
+                continue
+            if grad is not entry.host_grad:
+                self._host_grad(entry).copy_(grad)  # a gradient set by hand
+            entry.accumulate = True
+            entry.param.grad = None
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """An optimizer is about to step: offloaded parameters it holds that have a gradient
+        but still point at their slots (a gradient set by hand, or a forward since the last
+        backward) are pointed at host storage, so the step updates their true weights."""
         for group in optimizer.param_groups:
             for param in group["params"]:
-                found = self._slot_of.get(id(param))
-                if found is None or param.grad is None:
+                entry = self._params.get(id(param))
+                if entry is None or entry.on_host or param.grad is None:
                     continue
-                entry, slot = found
                 grad = param.grad
+                host_grad = self._host_grad(entry)
+                if grad is not host_grad:
+                    host_grad.copy_(grad)
+                param.grad = None
                 param.data = entry.host
-                param.grad = grad.to(entry.host.device)
-                moved.append((param, slot, grad))
-        self._stepping[id(optimizer)] = moved
+                param.grad = host_grad
+                entry.on_host = True
+                self._layer_of[id(param)][1].on_host = True
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        moved = self._stepping.pop(id(optimizer), None)
-        if not moved:
+        """An optimizer updated parameters: whatever the slots hold of offloaded ones that
+        it steps is stale. Reload from the host."""
+        stepped = {
+            id(p) for group in optimizer.param_groups for p in group["params"]
+        } & self._params.keys()
+        if not any(self._params[key].on_host for key in stepped):
             return
-        for param, slot, grad in moved:
-            param.data = slot
-            param.grad = grad
-        # Host storage changed: whatever the slots hold is stale. Reload from the host.
         for ring in self.rings:
             for layer in ring.layers:
                 ring.invalidate(layer)
             ring.preload()
+
+    # -- layers and checkpoints -------------------------------------------------------------
 
     def _hook_layer(self, module: nn.Module, ring: _Ring, position: int, planned: list) -> None:
         layer = ring.layers[position]
@@ -395,14 +601,26 @@ class PrefetchOffload:
             hook.remove()
         self._hooks = []
         self.runtime.synchronize()  # no copy may still be writing into the pool
+        grads = {}
+        for key, entry in getattr(self, "_params", {}).items():
+            if entry.param.grad is not None:
+                grads[key] = entry.param.grad
+                entry.param.grad = None
         if restore_params:
             restore(self.staged.params, device)
+        for entry in getattr(self, "_params", {}).values():
+            grad = grads.get(id(entry.param))
+            if grad is not None:  # a gradient in host storage leaves it with the parameter
+                entry.param.grad = grad.to(entry.param.device, copy=True)
         if hasattr(self, "pool"):
             self.pool.release()
         for ring in getattr(self, "rings", []):
             ops.unregister_ring(ring.ring_id)
         self.rings = []
         self.staged.storage.free()
+        for storage in self._grad_storage:
+            storage.free()
+        self._grad_storage = []
 
 
 def _true_weights(

@@ -52,6 +52,7 @@ class UVAOffload:
         self.runtime = runtime
         self.counters = counters
         self._hooks: list[RemovableHandle] = []
+        self._saving: list[tuple[nn.Module, Any]] = []
         self.mode: UVAMode = _choose_mode(runtime, zero_copy)
         params = dict(model.named_parameters())
         self.staged: Staged = stage_to_host(
@@ -102,17 +103,26 @@ class UVAOffload:
 
     def _fetch(self, owned: list[OffloadedParam], module: nn.Module, args: Any) -> None:
         device = self.runtime.device
+        copies: dict[int, torch.Tensor] = {}
         for entry in owned:
             copy = torch.empty_strided(
                 entry.host.shape, entry.host.stride(), dtype=entry.host.dtype, device=device
             )
             copy.copy_(entry.host, non_blocking=True)
             entry.param.data = copy
+            copies[id(entry.param)] = copy
             self.counters.h2d_bytes += entry.host.numel() * entry.host.element_size()
         self.counters.loads += 1
+        if torch.is_grad_enabled():
+            # Autograd may save a parameter itself (not a view of its data), and read its
+            # .data in backward, when it points at host storage again: save the copy.
+            saving = torch.autograd.graph.saved_tensors_hooks(partial(_pack, copies), _unpack)
+            saving.__enter__()
+            self._saving.append((module, saving))
 
-    @staticmethod
-    def _release(owned: list[OffloadedParam], module: nn.Module, args: Any, out: Any) -> None:
+    def _release(self, owned: list[OffloadedParam], module: nn.Module, args: Any, out: Any) -> None:
+        if self._saving and self._saving[-1][0] is module:
+            self._saving.pop()[1].__exit__(None, None, None)
         for entry in owned:
             entry.param.data = entry.host
 
@@ -123,6 +133,14 @@ class UVAOffload:
         self.runtime.synchronize()
         restore(self.staged.params, device)
         self.staged.storage.free()
+
+
+def _pack(copies: dict[int, torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
+    return copies.get(id(tensor), tensor)
+
+
+def _unpack(saved: torch.Tensor) -> torch.Tensor:
+    return saved
 
 
 def _choose_mode(runtime: DeviceRuntime, zero_copy: bool | None) -> UVAMode:
