@@ -26,10 +26,12 @@ from hydra_offload._render import format_bytes, render_stats
 from hydra_offload.config import OffloadConfig
 from hydra_offload.hydra import OffloadConfigError, to_offload_config
 from hydra_offload.lightning import OffloadCallback
+from hydra_offload.measure import copy_bandwidth, time_calls
 from hydra_offload.models import LitDecoderLM, random_tokens
 from hydra_offload.offload import OffloadError
 from hydra_offload.plan import plan_offload
 from hydra_offload.stacks import LayerStackError
+from hydra_offload.suggest import Suggestion, suggest_prefetch
 from hydra_offload.sweep import write_job_summary
 
 __all__ = ["StepTimer", "fail", "run_job"]
@@ -90,6 +92,9 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
     console.print(f"config hash: {offload.compute_hash()}")
     if cfg.get("dry_run", False) or str(cfg.model.get("device")) == "meta":
         return _plan_only(cfg, offload, console)
+    suggestion = _suggest(cfg, console) if cfg.get("suggest", False) else None
+    if suggestion is not None:
+        offload = validated(cfg)
 
     torch.manual_seed(cfg.data.seed)
     module = LitDecoderLM(instantiate(cfg.model), lr=cfg.lr)
@@ -111,11 +116,87 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
         fail(str(err))
     offloads = [c for c in callbacks if isinstance(c, OffloadCallback)]
     summary = _summary(offload, offloads, timer, trainer)
+    if suggestion is not None:
+        summary["predicted_step_ms"] = suggestion.predicted_step_seconds * 1e3
     if offloads and offloads[0].last_stats is not None:
         console.print(render_stats(offloads[0].last_stats))
     console.print(_summary_table(summary))
+    if suggestion is not None:
+        measured = summary["step_ms"]
+        console.print(
+            f"suggested settings: predicted {summary['predicted_step_ms']:.2f} ms per forward, "
+            f"measured {'-' if measured is None else f'{measured:.2f}'} ms per predict step "
+            "(median; the step also runs Lightning's loop and the batch transfer)"
+        )
     write_job_summary(summary)
     return summary
+
+
+def _suggest(cfg: DictConfig, console: Console) -> Suggestion:
+    """Measure the machine and the model, then switch ``cfg.offload`` to the prefetch
+    settings :func:`~hydra_offload.suggest.suggest_prefetch` proposes for the budget."""
+    if str(cfg.mode) != "predict":
+        fail(f"suggest: predicts the time of a forward; run it with mode=predict, not {cfg.mode}")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    torch.manual_seed(cfg.data.seed)
+    model = instantiate(cfg.model).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.batch_size, cfg.data.seq_len))
+    console.print(f"[bold]suggest[/bold]: measuring on {device} ...")
+    bandwidth = copy_bandwidth(device, sizes=(16 << 20, 64 << 20))
+    layer_s, other_s, activation_bytes = measure_decoder(model, ids, device)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget_gb = cfg.get("suggest_device_gb")
+    if budget_gb is not None:
+        budget = int(float(budget_gb) * 1024**3)
+    elif cuda:
+        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    else:
+        budget = total // 2  # a CPU has no device memory to fit: show half the model
+    console.print(
+        f"  {bandwidth.kind} bandwidth {bandwidth.gb_per_s:.2f} GB/s; "
+        f"{layer_s * 1e3:.3f} ms per layer, {other_s * 1e3:.3f} ms outside the layers; "
+        f"activations {format_bytes(activation_bytes)}; device budget {format_bytes(budget)}"
+        + ("" if budget_gb is not None or cuda else " (half the model: set suggest_device_gb)")
+    )
+    try:
+        suggestion = suggest_prefetch(
+            model,
+            layer_seconds=layer_s,
+            bandwidth=bandwidth.bytes_per_s,
+            device_budget_bytes=budget,
+            other_seconds=other_s,
+            activation_bytes=activation_bytes,
+        )
+    except ValueError as err:
+        fail(f"suggest: {err}")
+    console.print(suggestion.table())
+    console.print("overrides: " + " ".join(suggestion.overrides))
+    OmegaConf.update(cfg, "offload", suggestion.config.model_dump(mode="json"), merge=False)
+    return suggestion
+
+
+def measure_decoder(
+    model: torch.nn.Module, ids: torch.Tensor, device: torch.device
+) -> tuple[float, float, int]:
+    """Seconds of one layer of a :class:`~hydra_offload.models.DecoderLM`-shaped model on
+    ``device`` for the batch ``ids``, seconds of the rest (embedding, norm, head), and the
+    device bytes their activations take at peak. Only those parts go to the device."""
+    embed, layer = model.embed_tokens.to(device), model.layers[0].to(device)
+    head = torch.nn.Sequential(model.norm, model.lm_head).to(device)
+    ids = ids.to(device)
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        hidden = embed(ids)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        layer_s = statistics.median(time_calls(lambda: layer(hidden), device, repeats=5))
+        other_s = statistics.median(time_calls(lambda: head(embed(ids)), device, repeats=5))
+        peak = torch.cuda.max_memory_allocated(device) - base if cuda else 0
+    model.to("cpu")
+    return layer_s, other_s, int(peak)
 
 
 def _run(trainer: Trainer, module: LightningModule, data: Any, mode: str) -> None:
@@ -179,4 +260,6 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     gbs = summary["h2d_gb_s"]
     table.add_row("H2D throughput", "-" if gbs is None else f"{gbs:.3f} GB/s")
     table.add_row("prefetch stalls", str(summary["stalls"]))
+    if "predicted_step_ms" in summary:
+        table.add_row("predicted time per forward", f"{summary['predicted_step_ms']:.2f} ms")
     return table

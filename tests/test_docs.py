@@ -23,6 +23,7 @@ MODULES = [
     "hydra_offload.runtime.pool",
     "hydra_offload.selection",
     "hydra_offload.stacks",
+    "hydra_offload.suggest",
     "hydra_offload.sweep",
 ]
 

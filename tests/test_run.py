@@ -140,3 +140,40 @@ def test_a_bad_override_type_fails_at_compose_time(tmp_path):
     assert result.returncode != 0
     assert "offload.prefetch.offload_group_size" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fit_mode_trains_with_prefetch(tmp_path):
+    result = run(tmp_path, *SMALL, "offload=prefetch", "mode=fit", "trainer.max_steps=4")
+    assert result.returncode == 0, result.stderr
+    summary = job_summary(tmp_path)
+    assert summary["backend"] == "prefetch"
+    assert summary["steps"] == 4
+    assert summary["stalls"] == 0
+
+
+def test_suggest_picks_settings_for_the_budget_and_runs_them(tmp_path):
+    # 4 layers of 3.2 MB and 2 MB outside them: 8 MiB holds 1 layer plus a 2-slot pool.
+    result = run(tmp_path, *SMALL, "suggest=true", "suggest_device_gb=0.0078125")
+    assert result.returncode == 0, result.stderr
+    assert "Offload suggestion: prefetch" in result.stdout
+    overrides = next(line for line in result.stdout.splitlines() if line.startswith("overrides:"))
+    assert "offload=prefetch" in overrides
+    summary = job_summary(tmp_path)
+    assert summary["backend"] == "prefetch"
+    assert summary["predicted_step_ms"] > 0
+    assert summary["step_ms"] > 0
+    assert "predicted" in result.stdout
+    assert "measured" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["mode=fit"], "error: suggest: predicts the time of a forward; run it with mode=predict"),
+        (["suggest_device_gb=0.0001"], "error: suggest: "),
+    ],
+)
+def test_suggest_refuses_what_it_cannot_do_with_one_line(tmp_path, overrides, expected):
+    result = run(tmp_path, *SMALL, "suggest=true", *overrides)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(expected), result.stderr
