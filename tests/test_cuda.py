@@ -195,3 +195,81 @@ def test_parameters_still_on_the_cpu_are_offloaded_for_a_cuda_device(config):
         model.to("cuda")  # the rest follows; offloaded weights stay where the offload put them
         assert torch.equal(model(ids.cuda()), expected)
         assert handle.stats.stalls == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Training on the device
+# --------------------------------------------------------------------------------------------
+
+
+def _train(model: DecoderLM, steps: int = 3) -> list[float]:
+    ids = inputs(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("config", [PREFETCH, uva(0.05)], ids=["prefetch", "uva"])
+def test_training_matches_the_model_without_offload(config):
+    # Same kernels on the device; the optimizer of prefetch-offloaded parameters runs on the
+    # host (other arithmetic): close, not bit-identical.
+    reference = model_on_cuda().train()
+    model = model_on_cuda().train()
+    expected = _train(reference)
+    with apply_offload(model, config) as handle:
+        got = _train(model)
+        assert handle.stats.stalls == 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_prefetch_gradients_go_to_page_locked_host_memory_after_backward():
+    model = model_on_cuda().train()
+    ids = inputs(model)
+    with apply_offload(model, PREFETCH) as handle:
+        offloaded = {p.name for p in handle.plan.params}
+        model(ids).float().logsumexp(-1).mean().backward()
+        for name, param in model.named_parameters():
+            if name in offloaded:
+                assert param.grad is not None, name
+                assert not param.grad.is_cuda, name
+                assert param.grad.is_pinned(), name
+                assert not param.is_cuda, name  # the optimizer steps on the host weights
+            else:
+                assert param.grad.is_cuda, name
+
+
+def test_uva_gradients_accumulate_in_host_memory():
+    model = model_on_cuda().train()
+    ids = inputs(model)
+    with apply_offload(model, uva(0.05)) as handle:
+        entry = handle._installed.staged.params[-1]
+        for _ in range(2):
+            model(ids).float().logsumexp(-1).mean().backward()
+        grad = entry.param.grad
+        assert grad.is_cuda  # a zero-copy view: the device type of its parameter
+        storage = handle._installed._grad_storage
+        assert storage is not None
+        assert storage.pinned_bytes > 0
+        start = storage.tensors[0].data_ptr()
+        assert start <= grad.data_ptr() < start + storage.nbytes  # read and written in place
+
+
+def test_backward_prefetches_in_reverse_without_stalls():
+    model = model_on_cuda().train()
+    ids = inputs(model)
+    config = {"prefetch": {"offload_group_size": 1, "offload_prefetch_step": 2}}
+    with apply_offload(model, config) as handle:
+        for _ in range(3):
+            model(ids).float().logsumexp(-1).mean().backward()
+        assert handle.stats.stalls == 0
+        layers = len(handle.plan.stacks[0].offloaded_layers)
+        assert handle.stats.loads == 3 * 2 * (layers - 2)

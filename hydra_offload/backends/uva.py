@@ -28,6 +28,7 @@ from hydra_offload._warnings import warn_at_caller
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import OffloadedParam, Staged, point_at, restore, stage_to_host
 
 __all__ = ["UVAMode", "UVAOffload"]
@@ -53,6 +54,7 @@ class UVAOffload:
         self.counters = counters
         self._hooks: list[RemovableHandle] = []
         self._saving: list[tuple[nn.Module, Any]] = []
+        self._grad_storage: HostStorage | None = None
         self.mode: UVAMode = _choose_mode(runtime, zero_copy)
         params = dict(model.named_parameters())
         self.staged: Staged = stage_to_host(
@@ -67,6 +69,8 @@ class UVAOffload:
                 point_at([(e.param, e.host) for e in self.staged.params])
             if self.mode == "copy":
                 self._hook_owners(model)
+            if self.mode != "host":
+                self._hook_grads()
         except BaseException:
             self.remove()
             raise
@@ -126,13 +130,58 @@ class UVAOffload:
         for entry in owned:
             entry.param.data = entry.host
 
+    def _hook_grads(self) -> None:
+        """Gradients of trainable offloaded parameters live in host memory too.
+
+        Zero-copy: the gradient becomes a zero-copy view of page-locked host memory, so
+        autograd accumulates into host memory and the optimizer's update (through the
+        parameter's view) lands there; the optimizer's own state (e.g. Adam's moments) is
+        allocated by the optimizer on the device. Copy mode: between forwards the parameter
+        is its host tensor, and so is its gradient.
+        """
+        trainable = [e for e in self.staged.params if e.param.requires_grad]
+        if not trainable:
+            return
+        layouts = [(tuple(e.host.shape), tuple(e.host.stride()), e.host.dtype) for e in trainable]
+        zero_copy = self.mode == "zero_copy"
+        self._grad_storage = HostStorage(
+            layouts, pin_for=self.runtime.device if zero_copy else None
+        )
+        grads = self._grad_storage.device_views(self.runtime.device) if zero_copy else None
+        for i, entry in enumerate(trainable):
+            home = grads[i] if grads is not None else self._grad_storage.tensors[i]
+            self._hooks.append(
+                entry.param.register_post_accumulate_grad_hook(partial(_grad_home, home))
+            )
+
     def remove(self, device: torch.device | None = None) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self.runtime.synchronize()
+        grads = {id(e.param): e.param.grad for e in self.staged.params}
+        for entry in self.staged.params:
+            entry.param.grad = None
         restore(self.staged.params, device)
+        for entry in self.staged.params:
+            grad = grads[id(entry.param)]
+            if grad is not None:  # out of host storage, onto the parameter's device
+                entry.param.grad = grad.to(entry.param.device, copy=True)
         self.staged.storage.free()
+        if self._grad_storage is not None:
+            self._grad_storage.free()
+            self._grad_storage = None
+
+
+def _grad_home(home: torch.Tensor, param: torch.Tensor) -> None:
+    """After autograd accumulated a gradient: keep it in ``home`` (host memory), so the
+    next accumulations add there and no gradient stays in device memory."""
+    grad = param.grad
+    if grad is None or grad is home:
+        return
+    home.copy_(grad)
+    param.grad = None
+    param.grad = home
 
 
 def _pack(copies: dict[int, torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
