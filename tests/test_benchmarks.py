@@ -115,3 +115,15 @@ def test_hook_overhead_reports_microseconds_per_layer(tmp_path):
     rows = {row["name"]: row for row in report["results"]}
     assert rows["hydra-offload prefetch"]["forward_us"] > 0
     assert "overhead_us_per_layer" in rows["hydra-offload uva (copy mode)"]
+
+
+def test_offload_bench_times_fit_steps_with_identical_losses(tmp_path):
+    _run("offload_bench.py", "--preset", "tiny", "--train", "--steps", "2", "--warmup", "1",
+         "--setup-gb", "0", "--out", tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "offload-cpu-tiny-train.json").read_text())
+    assert report["step"].startswith("fit step")
+    for row in report["rows"]:
+        if row["family"] == "other":
+            assert row["skipped"].startswith("inference only")
+        else:
+            assert row["max_abs_diff"] == 0.0, row["name"]  # the same losses, step for step
