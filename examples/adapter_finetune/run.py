@@ -13,8 +13,8 @@ random sequences (which they can fit, so the loss falls) under the :class:`Offlo
 with ``offload=prefetch``: every second decoder layer keeps its frozen base weights in host
 memory and they are copied to the device one offloaded layer ahead of use;
 ``offload.prefetch.offload_params`` names the base weights only, so the adapters stay on the
-device. The backward pass runs through the offloaded layers: autograd fetches their weights
-from host memory again when it needs them.
+device. The backward pass runs through the offloaded layers in reverse order, each one's
+weights copied back into the device slots one offloaded layer ahead of its backward.
 
 It prints the adapters' size, the offload plan (which parameters are in host memory; none of
 them trainable), the training loss at the first and the last step, and the callback's
