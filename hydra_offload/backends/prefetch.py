@@ -62,9 +62,12 @@ __all__ = ["PrefetchOffload"]
 class _Param:
     """An offloaded parameter of a layer: its slot, its host copy, and its host gradient."""
 
-    __slots__ = ("accumulate", "host", "host_grad", "on_host", "param", "slot")
+    __slots__ = ("accumulate", "host", "host_grad", "layer", "on_host", "param", "slot")
 
-    def __init__(self, param: nn.Parameter, slot: torch.Tensor, host: torch.Tensor) -> None:
+    def __init__(
+        self, param: nn.Parameter, slot: torch.Tensor, host: torch.Tensor, layer: _Layer
+    ) -> None:
+        self.layer = layer
         self.param = param
         self.slot = slot
         self.host = host
@@ -382,17 +385,14 @@ class PrefetchOffload:
             stack = model.get_submodule(stack_plan.path) if stack_plan.path else model
             layers = []
             for position, index in enumerate(stack_plan.offloaded_layers):
-                copies = []
-                entries = []
+                staged_params = []
                 for p in by_layer[(stack_plan.path, index)]:
                     key = (p.stack, p.local_name, p.shape, p.stride, p.dtype)
-                    slot = entry_of[key][p.slot or 0]
-                    staged = host_of[p.name]
+                    staged_params.append((entry_of[key][p.slot or 0], host_of[p.name]))
+                layer = _Layer(position, [(slot, staged.host) for slot, staged in staged_params])
+                for slot, staged in staged_params:
                     staged.param.data = slot.tensor
-                    copies.append((slot, staged.host))
-                    entries.append(_Param(staged.param, slot.tensor, staged.host))
-                layer = _Layer(position, copies)
-                layer.params = entries
+                    layer.params.append(_Param(staged.param, slot.tensor, staged.host, layer))
                 layers.append(layer)
             ring = _Ring(layers, self.runtime, copy_stream, self.counters, self)
             self.rings.append(ring)
@@ -402,12 +402,10 @@ class PrefetchOffload:
             ring.preload()
         # The preload belongs to setup, not to any forward: count from here.
         self.counters.loads = self.counters.h2d_bytes = 0
-        self._layer_of: dict[int, tuple[_Ring, _Layer]] = {}
         for ring in self.rings:
             for layer in ring.layers:
                 for entry in layer.params:
                     self._params[id(entry.param)] = entry
-                    self._layer_of[id(entry.param)] = (ring, layer)
                     if not entry.param.requires_grad:
                         continue  # frozen: read when the offload is applied
                     self._hooks.append(
@@ -500,7 +498,7 @@ class PrefetchOffload:
             if not entry.on_host:
                 entry.param.data = entry.host
                 entry.on_host = True
-                self._layer_of[id(entry.param)][1].on_host = True
+                entry.layer.on_host = True
             entry.param.grad = entry.host_grad
         self._with_grad = {}
 
@@ -549,7 +547,7 @@ class PrefetchOffload:
                 param.data = entry.host
                 param.grad = host_grad
                 entry.on_host = True
-                self._layer_of[id(param)][1].on_host = True
+                entry.layer.on_host = True
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """An optimizer updated parameters: whatever the slots hold of offloaded ones that
