@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 import torch
+import transformers  # a dev dependency: missing, this file must fail, not skip
 from torch import nn
 
 from hydra_offload import apply_offload, plan_offload
 from hydra_offload.plan import GIB
 
-transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 # A pattern that matches nothing would make a selector test pass vacuously.

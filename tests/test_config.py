@@ -273,10 +273,35 @@ def test_hash_is_a_hex_sha256_and_equal_for_equal_configs():
     int(a.compute_hash(), 16)
 
 
-def test_hash_ignores_set_member_order():
-    a = OffloadConfig(uva={"cpu_offload_params": ["experts", "w2_weight", "gate"]})
-    b = OffloadConfig(uva={"cpu_offload_params": ["gate", "experts", "w2_weight"]})
-    assert a.compute_hash() == b.compute_hash()
+# Eight members: a set iterates in sorted order only by chance (1 in 8!). Two sets built in
+# different orders often iterate alike within one process, so only a pinned digest shows that
+# no order, in any process, reaches the hash.
+SEGMENTS = ["experts", "w2_weight", "gate", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "digest"),
+    [
+        ("uva", "cpu_offload_params",
+         "42662ce10a6d96d2f394809f93c1fb08ac8280bc614fe439cb766221aac7b9a7"),
+        ("prefetch", "offload_params",
+         "e00685ea029ed089064ff81b6791704ee8479001a359c04f030890e7dc089640"),
+    ],
+    ids=["uva", "prefetch"],
+)  # fmt: skip
+def test_hash_ignores_the_order_of_set_members(section, field, digest):
+    orders = [SEGMENTS, SEGMENTS[::-1], tuple(sorted(SEGMENTS)), set(SEGMENTS)]
+    digests = {
+        OffloadConfig.model_validate({section: {field: members}}).compute_hash()
+        for members in orders
+    }
+    assert digests == {digest}
+
+
+def test_hash_keeps_the_order_of_layer_stacks():
+    forward = OffloadConfig(layers=["encoder.block", "decoder.block"])
+    backward = OffloadConfig(layers=["decoder.block", "encoder.block"])
+    assert forward.compute_hash() != backward.compute_hash()
 
 
 CHANGES = [
@@ -299,24 +324,63 @@ def test_hash_changes_when_any_field_changes():
     assert len(digests) == len(CHANGES) + 1
 
 
-def test_hash_is_the_same_in_another_process():
-    data = {
-        "uva": {"cpu_offload_gb": 1.5, "cpu_offload_params": ["a", "b", "c", "d", "e"]},
-        "prefetch": {"offload_params": ["x", "y", "z"]},
-        "layers": ["m.enc", "m.dec"],
-    }
-    here = OffloadConfig.model_validate(data).compute_hash()
+# compute_hash() of these settings, computed once: the README promises the same digest in
+# every process and Python version, and plans and Lightning checkpoints record it. A change of
+# the hash format must change the schema version in the payload, and these values with it.
+PINNED_HASHES = [
+    pytest.param(
+        {}, "7858f30bdc15f56801dbd0014b8a1162bf00107e4efa426cc3da4137a8c20e9a", id="default"
+    ),
+    pytest.param(
+        {
+            "offload_backend": "uva",
+            "uva": {
+                "cpu_offload_gb": 2.5,
+                "cpu_offload_params": ["shared_experts", "experts", "gate", "w1", "w2", "w3"],
+            },
+        },
+        "a11f892225fb3713589c6db9ac6993dc0b46ff3f5faaa6092d5ddfb5ce2120d8",
+        id="uva",
+    ),
+    pytest.param(
+        {
+            "prefetch": {
+                "offload_group_size": 8,
+                "offload_num_in_group": 2,
+                "offload_prefetch_step": 2,
+                "offload_params": ["self_attn.q_proj", "mlp", "@experts"],
+            },
+            "layers": ["encoder.block", "decoder.block"],
+        },
+        "1291bb405420b901067d444b5dbe3c30f23c5278405c564c1369cf9e5c88d63f",
+        id="prefetch-params-and-layers",
+    ),
+    pytest.param(  # the run summary shown in the README
+        {"offload_backend": "prefetch", "prefetch": {"offload_group_size": 8}},
+        "7f9dc902889af4c7ba5504e720078dbc44cb9bb276caa5d029b1d2b34fc4da48",
+        id="readme-run",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "digest"), PINNED_HASHES)
+def test_hash_values_are_pinned(data, digest):
+    assert OffloadConfig.model_validate(data).compute_hash() == digest
+
+
+@pytest.mark.parametrize("seed", ["1", "2"])
+def test_pinned_hash_values_do_not_depend_on_the_string_hash_seed(seed):
+    configs = [p.values[0] for p in PINNED_HASHES]
     code = (
         "import json, sys; from hydra_offload import OffloadConfig; "
-        "print(OffloadConfig.model_validate(json.loads(sys.argv[1])).compute_hash())"
+        "print(json.dumps([OffloadConfig.model_validate(d).compute_hash() "
+        "for d in json.loads(sys.argv[1])]))"
     )
-    for seed in ("1", "2"):
-        env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(data)],
-            env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        assert out.stdout.strip() == here
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(configs)],
+        env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout) == [p.values[1] for p in PINNED_HASHES]
 
 
 def test_dump_round_trips_and_lists_sets_sorted():
