@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hydra_offload.runtime.host import HostStorage
+
 __all__ = [
     "BandwidthResult",
     "CopyCounter",
@@ -100,40 +102,68 @@ def copy_bandwidth(
 ) -> BandwidthResult:
     """Host-to-``device`` copy bandwidth at several sizes.
 
-    On an accelerator the source is page-locked (``pin_memory``) and each copy is timed with
-    device events, as the prefetch copy stream does it. On the CPU it is a copy between two
-    ordinary host tensors.
+    On CUDA the source is the kind of memory the offload copies from: a
+    :class:`~hydra_offload.runtime.host.HostStorage` page-locked for ``device``, released after
+    each size (nothing is left in PyTorch's caching host allocator). On another accelerator it
+    is ``pin_memory`` memory. Each copy is timed with events on ``device``'s current stream,
+    the stream the copy runs on, as the prefetch copy stream does it. On the CPU it is a copy
+    between two ordinary host tensors.
 
     Raises:
         ValueError: a size is not positive or ``repeats < 1``.
+        RuntimeError: the source memory cannot be allocated or page-locked.
     """
     if repeats < 1 or not sizes or any(s <= 0 for s in sizes):
         raise ValueError(f"sizes must be positive and repeats >= 1, got {sizes} and {repeats}")
     accelerator = device.type != "cpu"
     by_size: dict[int, float] = {}
     for size in sizes:
-        src = torch.empty(size, dtype=torch.uint8, pin_memory=accelerator)
-        src.fill_(1)  # touch every page: first-touch faults are not copy time
-        dst = torch.empty(size, dtype=torch.uint8, device=device)
-        dst.copy_(src, non_blocking=accelerator)  # warm-up
-        seconds = []
-        for _ in range(repeats):
+        storage = None
+        if device.type == "cuda":
+            storage = HostStorage([((size,), (1,), torch.uint8)], pin_for=device)
+            src = storage.tensors[0]
+        else:
+            src = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=accelerator)
+        dst: torch.Tensor | None = None
+        try:
+            src.fill_(1)  # touch every page: first-touch faults are not copy time
+            dst = torch.empty(size, dtype=torch.uint8, device=device)
             if accelerator:
-                start = torch.Event(device, enable_timing=True)
-                end = torch.Event(device, enable_timing=True)
-                start.record()
-                dst.copy_(src, non_blocking=True)
-                end.record()
-                end.synchronize()
-                seconds.append(start.elapsed_time(end) / 1e3)
+                seconds = _timed_copies(dst, src, device, repeats)
             else:
-                begin = time.perf_counter()
-                dst.copy_(src)
-                seconds.append(time.perf_counter() - begin)
-        by_size[size] = size / statistics.median(seconds) / 1e9
-        del src, dst
+                seconds = []
+                dst.copy_(src)  # warm-up
+                for _ in range(repeats):
+                    begin = time.perf_counter()
+                    dst.copy_(src)
+                    seconds.append(time.perf_counter() - begin)
+            by_size[size] = size / statistics.median(seconds) / 1e9
+        finally:
+            del src, dst
+            if storage is not None:
+                storage.free()  # waits for the device, unregisters, releases
     kind = "pinned host-to-device" if accelerator else "host memory copy"
     return BandwidthResult(str(device), kind, by_size)
+
+
+def _timed_copies(
+    dst: torch.Tensor, src: torch.Tensor, device: torch.device, repeats: int
+) -> list[float]:
+    """Seconds of each of ``repeats`` asynchronous copies ``src`` -> ``dst``, measured with
+    events on ``device``'s current stream (the copy's stream), whatever the current device."""
+    seconds = []
+    with torch.accelerator.device_index(device.index):
+        stream = torch.accelerator.current_stream(device)
+        dst.copy_(src, non_blocking=True)  # warm-up
+        for _ in range(repeats):
+            start = torch.Event(device, enable_timing=True)
+            end = torch.Event(device, enable_timing=True)
+            start.record(stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(stream)
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+    return seconds
 
 
 class CopyCounter(TorchDispatchMode):

@@ -7,28 +7,47 @@ that range with the CUDA runtime (``cudaHostRegister``, portable and mapped). Re
 memory is page-locked, so ``non_blocking`` copies from it are truly asynchronous, and mapped,
 so kernels can read it directly through a zero-copy device view (:meth:`device_views`).
 
+The buffer is always allocated on the CPU, whatever the ambient device (``with
+torch.device(...)``, ``torch.set_default_device``), and every tensor in it starts on a
+multiple of :data:`ALIGNMENT` bytes. The registration is made under a device guard of the
+compute device, so no other device gets a CUDA context.
+
+Lifetime: the buffer and its registration belong to one owner object, held by the storage and
+by every zero-copy device view made from it. When the last of them goes (:meth:`HostStorage.free`
+drops the storage's hold), the devices that may read the memory are synchronized, the range
+is unregistered, and the memory is released. A device view kept after ``free()`` (a
+``state_dict()`` tensor, a gradient) therefore still reads valid, registered memory.
+
 With a CPU compute device nothing is registered: the buffer is simply a separate CPU tensor.
 
 Example:
     >>> import torch
     >>> host = HostStorage([((2, 3), (3, 1), torch.float32), ((4,), (1,), torch.bfloat16)])
     >>> [tuple(t.shape) for t in host.tensors], host.nbytes
-    ([(2, 3), (4,)], 72)
+    ([(2, 3), (4,)], 1024)
+    >>> all(t.data_ptr() % ALIGNMENT == 0 for t in host.tensors)
+    True
     >>> host.free()
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["HostStorage", "storage_span"]
+from hydra_offload.runtime import cudart
 
-ALIGNMENT = 64
-"""Every tensor starts on a multiple of this many bytes (a cache line; fits any dtype)."""
+__all__ = ["ALIGNMENT", "HostStorage", "storage_span"]
+
+ALIGNMENT = 512
+"""Every tensor starts on a multiple of this many bytes: the alignment of PyTorch's CUDA
+caching allocator, so kernels that choose by operand alignment (cuBLASLt) choose as they
+would for device memory."""
 
 _REGISTER_PORTABLE_MAPPED = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
@@ -59,94 +78,231 @@ class HostStorage:
     """
 
     def __init__(self, layouts: Sequence[Layout], *, pin_for: torch.device | None = None):
-        offsets, end = [], 0
+        offsets, sizes, end = [], [], 0
         for shape, stride, dtype in layouts:
             offsets.append(_align(end))
-            end = offsets[-1] + storage_span(shape, stride) * dtype.itemsize
-        self.nbytes = end
-        """Bytes allocated: the tensors' bytes plus alignment padding between them."""
+            sizes.append(storage_span(shape, stride) * dtype.itemsize)
+            end = offsets[-1] + sizes[-1]
+        self.nbytes = _align(end)
+        """Bytes of the buffer's aligned range (what is registered): the tensors' bytes plus
+        the padding that starts each on a multiple of ``ALIGNMENT`` and ends the range on
+        one. The allocation around it is ``ALIGNMENT`` bytes larger, to start the range on
+        an aligned address."""
         self.pinned_bytes = 0
-        """Bytes registered with the CUDA runtime (0 on the CPU path)."""
-        self._buffer: torch.Tensor | None = torch.empty(self.nbytes, dtype=torch.uint8)
+        """Bytes registered with the CUDA runtime (0 on the CPU path, and after :meth:`free`)."""
         self._layouts = list(layouts)
         self._offsets = offsets
+        block = _HostBlock(self.nbytes)
+        _zero_gaps(block, offsets, sizes)
         if pin_for is not None and pin_for.type == "cuda" and self.nbytes:
-            self._register()
+            block.register(pin_for)  # on failure, the buffer is released with this frame
+            self.pinned_bytes = self.nbytes
+        self._block: _HostBlock | None = block
         self.tensors: list[torch.Tensor] = [
-            self._view(self._buffer, offset, layout)
+            self._view(block.buffer, block.offset + offset, layout)
             for offset, layout in zip(offsets, self._layouts, strict=True)
         ]
 
     @staticmethod
     def _view(buffer: torch.Tensor, offset: int, layout: Layout) -> torch.Tensor:
+        # The aligned start is a multiple of ALIGNMENT and the allocation starts on the CPU
+        # allocator's alignment (64 bytes), so the offset is whole elements of any dtype.
         shape, stride, dtype = layout
         view = torch.empty(0, dtype=dtype, device=buffer.device)
         return view.set_(buffer.untyped_storage(), offset // dtype.itemsize, shape, stride)
-
-    def _register(self) -> None:
-        assert self._buffer is not None
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(
-            self._buffer.data_ptr(), self.nbytes, _REGISTER_PORTABLE_MAPPED
-        )
-        if int(err) != 0:
-            self._buffer = None
-            raise RuntimeError(
-                f"could not page-lock {self.nbytes:,} bytes of host memory for offloaded "
-                f"weights (cudaHostRegister error {int(err)}); check the memlock limit "
-                "(ulimit -l) and free host memory"
-            )
-        self.pinned_bytes = self.nbytes
-        # Unregister even if free() is never called; the finalizer keeps the buffer alive
-        # until then so the range is still valid when it is unregistered.
-        self._unregister = weakref.finalize(self, _unregister, self._buffer)
 
     def device_views(self, device: torch.device) -> list[torch.Tensor]:
         """Zero-copy CUDA tensors over the registered host memory, one per layout.
 
         Kernels reading them fetch the bytes over the interconnect; writing the host tensors
         changes what the kernels read. Built in pure PyTorch through
-        ``__cuda_array_interface__``: with unified virtual addressing, registered host memory
-        has the same address on the device.
+        ``__cuda_array_interface__``, at the device address ``cudaPointerGetAttributes``
+        reports for the range (with unified virtual addressing, the host address). The views
+        keep the memory registered and allocated for as long as they live, even after
+        :meth:`free`.
+
+        Raises:
+            RuntimeError: the memory is not registered host memory mapped for ``device``.
         """
-        if self.pinned_bytes == 0 or self._buffer is None:
+        block = self._block
+        registration = block.registration if block is not None else None
+        if block is None or registration is None:
             raise RuntimeError("zero-copy views need host memory registered for CUDA")
-        mapped = torch.as_tensor(_MappedBytes(self._buffer), device=device)
-        if mapped.device != device or mapped.data_ptr() != self._buffer.data_ptr():
+        if device.type != "cuda":
+            raise RuntimeError(f"zero-copy views of host memory need a CUDA device, not {device}")
+        runtime = registration.runtime
+        index = device.index if device.index is not None else runtime.current_device()
+        with runtime.device_guard(index):
+            first = _mapped_address(runtime, block.ptr, index)
+            last = _mapped_address(runtime, block.ptr + block.nbytes - 1, index)
+        if last - first != block.nbytes - 1:
             raise RuntimeError(
-                f"the device view of host memory is not zero-copy on {device} "
-                f"(got a tensor on {mapped.device} at another address)"
+                f"host memory at {block.ptr:#x} is not mapped as one range on cuda:{index}"
             )
+        registration.readers.add(index)
+        mapped = _device_tensor(_MappedBytes(block, first), torch.device("cuda", index))
         return [
             self._view(mapped, offset, layout)
             for offset, layout in zip(self._offsets, self._layouts, strict=True)
         ]
 
     def free(self) -> None:
-        """Unregister and release the memory; the tensors must no longer be used."""
-        if self.pinned_bytes:
-            self._unregister()
-            self.pinned_bytes = 0
-        self._buffer = None
+        """Give up this storage's hold on the memory; its tensors must no longer be used.
+
+        Without device views left, the memory is unregistered (after synchronizing the
+        devices that may read it) and released at once; otherwise when the last view goes.
+        """
+        self._block = None
+        self.pinned_bytes = 0
         self.tensors = []
 
 
-def _unregister(buffer: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+def _zero_gaps(block: _HostBlock, offsets: Sequence[int], sizes: Sequence[int]) -> None:
+    """Zero the bytes no tensor covers (alignment slack and padding), so that what is saved
+    with a tensor's storage (``torch.save`` writes all of it) is deterministic."""
+    covered = sorted(
+        (block.offset + offset, block.offset + offset + size)
+        for offset, size in zip(offsets, sizes, strict=True)
+    )
+    position = 0
+    for start, stop in [*covered, (block.buffer.numel(), block.buffer.numel())]:
+        if start > position:
+            block.buffer[position:start].zero_()
+        position = max(position, stop)
+
+
+class _HostBlock:
+    """The host buffer of one :class:`HostStorage` and, when page-locked, its registration.
+
+    Held by the storage and by every device view (through :class:`_MappedBytes`); nothing it
+    holds refers back to it, so it goes, and with it the registration, with the last holder.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        # The CPU allocator aligns to 64 bytes only: allocate a little more, start aligned.
+        # Both the allocation and the aligned range (nbytes) are whole numbers of ALIGNMENT
+        # blocks, so each storage is a whole number of elements of any dtype: torch.save
+        # writes, and torch.load checks, the whole storage a tensor views.
+        size = nbytes + ALIGNMENT if nbytes else 0
+        self.buffer = torch.empty(size, dtype=torch.uint8, device="cpu")
+        self.offset = -self.buffer.data_ptr() % ALIGNMENT if nbytes else 0
+        """Bytes from the allocation's start to the aligned range."""
+        self.ptr = self.buffer.data_ptr() + self.offset
+        """Host address of the aligned range (what is registered)."""
+        self.nbytes = nbytes
+        self.registration: _Registration | None = None
+
+    def register(self, device: torch.device) -> None:
+        """Page-lock the aligned range for ``device`` (portable and mapped).
+
+        Raises:
+            RuntimeError: ``cudaHostRegister`` failed (the runtime's last error is cleared).
+        """
+        runtime = cudart.get_runtime()
+        index = device.index if device.index is not None else runtime.current_device()
+        with runtime.device_guard(index):
+            err = runtime.host_register(self.ptr, self.nbytes, _REGISTER_PORTABLE_MAPPED)
+            if err != 0:
+                # A failed runtime call stays the thread's last error; the next kernel launch
+                # check would raise it as its own.
+                runtime.get_last_error()
+                raise RuntimeError(
+                    f"could not page-lock {self.nbytes:,} bytes of host memory for offloaded "
+                    f"weights on cuda:{index}: cudaHostRegister failed with "
+                    f"'{runtime.error_string(err)}' (error {err}); check the memlock limit "
+                    "(ulimit -l) and free host memory"
+                )
+        registration = _Registration(runtime, index, self.ptr, self.nbytes)
+        self.registration = registration
+        # The finalizer holds the registration and the buffer, never this block: the buffer
+        # is released only after the range is unregistered.
+        finalizer = weakref.finalize(self, registration.release, self.buffer)
+        finalizer.atexit = False  # at exit the driver releases everything itself
+
+
+class _Registration:
+    """One ``cudaHostRegister`` range, and the devices whose kernels may read it."""
+
+    def __init__(self, runtime: cudart.CudaRuntime, device: int, ptr: int, nbytes: int) -> None:
+        self.runtime = runtime
+        self.device = device
+        self.ptr = ptr
+        self.nbytes = nbytes
+        self.readers = {device}
+        """Devices to synchronize before unregistering: the one registered for, and every
+        device zero-copy views were made for."""
+        self._pid = os.getpid()
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Synchronize the readers, then unregister; ``buffer`` is released after.
+
+        Runs as a finalizer: failures are reported as a :class:`RuntimeWarning`, never raised.
+        """
+        if os.getpid() != self._pid:
+            return  # a forked child: the registration belongs to the parent's CUDA context
+        problems = []
+        for index in sorted(self.readers):
+            try:
+                self.runtime.synchronize(index)
+            except Exception as err:
+                problems.append(f"synchronizing cuda:{index} failed ({err})")
+        try:
+            with self.runtime.device_guard(self.device):
+                err = self.runtime.host_unregister(self.ptr)
+                if err != 0:
+                    self.runtime.get_last_error()
+                    problems.append(
+                        f"cudaHostUnregister failed with '{self.runtime.error_string(err)}' "
+                        f"(error {err})"
+                    )
+        except Exception as exc:
+            problems.append(f"cudaHostUnregister raised {exc!r}")
+        if problems:
+            warnings.warn(
+                f"releasing {self.nbytes:,} bytes of page-locked host memory at "
+                f"{self.ptr:#x} (cuda:{self.device}): " + "; ".join(problems),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def _mapped_address(runtime: cudart.CudaRuntime, ptr: int, index: int) -> int:
+    """The device address of registered host memory at ``ptr`` on the current device."""
+    err, attributes = runtime.pointer_attributes(ptr)
+    if err != 0:
+        runtime.get_last_error()
+        raise RuntimeError(
+            f"cudaPointerGetAttributes failed on host memory at {ptr:#x} with "
+            f"'{runtime.error_string(err)}' (error {err})"
+        )
+    if attributes.type != cudart.MEMORY_HOST:
+        raise RuntimeError(
+            f"host memory at {ptr:#x} is not registered with the CUDA runtime "
+            f"(memory type {attributes.type})"
+        )
+    if not attributes.device_pointer:
+        raise RuntimeError(f"registered host memory at {ptr:#x} is not mapped for cuda:{index}")
+    return attributes.device_pointer
+
+
+def _device_tensor(owner: _MappedBytes, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor over ``owner``'s ``__cuda_array_interface__``; its storage keeps
+    ``owner`` alive."""
+    return torch.as_tensor(owner, device=device)
 
 
 class _MappedBytes:
-    """The host buffer presented to PyTorch as CUDA memory (``__cuda_array_interface__``).
+    """The registered range presented to PyTorch as CUDA memory (``__cuda_array_interface__``).
 
     The device tensor made from it holds a reference to this object, and through it to the
-    host buffer, for as long as the tensor lives.
+    block (registration and buffer), for as long as the tensor's storage lives.
     """
 
-    def __init__(self, buffer: torch.Tensor) -> None:
-        self._buffer = buffer
+    def __init__(self, block: _HostBlock, device_pointer: int) -> None:
+        self._block = block
         self.__cuda_array_interface__: dict[str, Any] = {
-            "shape": (buffer.numel(),),
+            "shape": (block.nbytes,),
             "typestr": "|u1",
-            "data": (buffer.data_ptr(), False),
+            "data": (device_pointer, False),
             "version": 3,
         }
