@@ -125,7 +125,9 @@ class OffloadCallback(Callback):
         precision = trainer.precision_plugin
         if isinstance(precision, (HalfPrecision, DoublePrecision)):
             precision.convert_module(pl_module)
-        self.handle = apply_offload(pl_module, self.config, device)
+        self.handle = apply_offload(
+            pl_module, self.config, device, processes_per_node=trainer.num_devices
+        )
         self._ddp_ignored_before = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         ignored = list(self._ddp_ignored_before or [])
         ignored += [n for n in self.handle.plan.offloaded_params if n not in ignored]

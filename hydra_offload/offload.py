@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from hydra_offload.hydra import to_offload_config
 from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.device import runtime_for
 from hydra_offload.runtime.params import MoveGuard
 
 __all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload"]
@@ -50,7 +52,9 @@ class OffloadStats:
             offloaded parameters lived on the compute device (``measured``), else the plan's
             figure (offloaded bytes minus the pool).
         measured: whether ``device_bytes_saved`` comes from the allocator.
-        host_bytes: bytes of host storage allocated (tensors plus alignment padding).
+        host_bytes: bytes of host memory allocated: offloaded weights, the host gradients of
+            trainable offloaded weights and their staging buffers (tensors plus alignment
+            padding).
         host_bytes_pinned: of those, bytes page-locked with the CUDA runtime (0 on CPU).
         pool_bytes: bytes of the prefetch device buffer pool.
         forwards: forward calls since the offload was applied, counted on the innermost
@@ -144,8 +148,6 @@ class OffloadHandle:
     def stats(self) -> OffloadStats:
         """What the offload costs and has done so far (a snapshot)."""
         c, installed = self._counters, self._installed
-        staged = getattr(installed, "staged", None)
-        storage = staged.storage if staged is not None else None
         return OffloadStats(
             backend=self.plan.backend,
             offloaded_bytes=self.plan.offloaded_bytes,
@@ -153,8 +155,8 @@ class OffloadHandle:
                 self._saved if self._saved is not None else self.plan.device_bytes_saved
             ),
             measured=self._saved is not None,
-            host_bytes=storage.nbytes if storage is not None else 0,
-            host_bytes_pinned=storage.pinned_bytes if storage is not None else 0,
+            host_bytes=getattr(installed, "host_bytes", 0),
+            host_bytes_pinned=getattr(installed, "host_bytes_pinned", 0),
             pool_bytes=installed.pool_bytes if installed is not None else 0,
             forwards=c.forwards,
             h2d_bytes=c.h2d_bytes,
@@ -204,6 +206,7 @@ def apply_offload(
     device: torch.device | str | None = None,
     *,
     zero_copy: bool | None = None,
+    processes_per_node: int | None = None,
 ) -> OffloadHandle:
     """Offload part of ``model``'s weights to host memory, as ``config`` says.
 
@@ -214,6 +217,9 @@ def apply_offload(
             parameter. Parameters that are not offloaded are left where they are.
         zero_copy: UVA only. ``None``: zero-copy views on CUDA, per-forward copies on other
             accelerators; ``False``: always per-forward copies; ``True``: zero-copy or error.
+        processes_per_node: how many processes on this machine offload a replica at once
+            (data parallel ranks): the host memory check counts them all. ``None``:
+            ``LOCAL_WORLD_SIZE`` from the environment (torchrun sets it), else 1.
 
     Returns:
         The handle: ``plan``, ``stats``, ``remove()``; a context manager.
@@ -240,8 +246,8 @@ def apply_offload(
             )
     plan = plan_offload(model, config)
     params = dict(model.named_parameters())
-    _check_offloadable(model, plan, params)
-    runtime = DeviceRuntime(_compute_device(model, device))
+    _check_offloadable(model, plan, params, _processes_on_node(processes_per_node))
+    runtime = runtime_for(_compute_device(model, device))
     counters = Counters()
     saved = None
     if not plan.params:
@@ -299,7 +305,7 @@ _FOREIGN_HOOKS = {
 
 
 def _check_offloadable(
-    model: nn.Module, plan: OffloadPlan, params: dict[str, nn.Parameter]
+    model: nn.Module, plan: OffloadPlan, params: dict[str, nn.Parameter], processes: int
 ) -> None:
     """Refuse, before anything is modified, what the backends cannot serve correctly."""
     for module_name, module in model.named_modules():
@@ -316,7 +322,7 @@ def _check_offloadable(
             f"{len(meta)} parameter(s) to offload are on the meta device (not materialized), "
             f"e.g. {meta[0]}; load the weights (or to_empty() and initialize) first"
         )
-    host_bytes = 0
+    weights = grads = 0
     for planned in plan.params:
         param = params[planned.name]
         problem = None
@@ -330,13 +336,31 @@ def _check_offloadable(
             problem = f"has layout {param.layout}; only dense (strided) tensors can be offloaded"
         if problem:
             raise OffloadError(f"{planned.name} {problem}")
-        host_bytes += planned.nbytes
+        weights += planned.nbytes
+        if param.requires_grad:
+            grads += planned.nbytes  # its gradient lives in host memory too
     available = _available_host_bytes()
-    if available is not None and host_bytes > available:
+    needed = (weights + grads) * processes
+    if available is not None and needed > available:
+        what = f"{weights:,} bytes of weights" + (f" and {grads:,} of gradients" if grads else "")
+        each = f" in each of the {processes} processes on this node" if processes > 1 else ""
         raise OffloadError(
-            f"offloading needs {host_bytes:,} bytes of host memory but only {available:,} are "
-            "available; lower cpu_offload_gb or offload fewer layers"
+            f"offloading needs {needed:,} bytes of host memory ({what}{each}) but only "
+            f"{available:,} are available; lower cpu_offload_gb or offload fewer layers"
         )
+
+
+def _processes_on_node(processes: int | None) -> int:
+    """How many processes on this machine offload at once: given, or ``LOCAL_WORLD_SIZE``
+    (set by torchrun), else 1."""
+    if processes is not None:
+        if processes < 1:
+            raise ValueError(f"processes_per_node must be >= 1, got {processes}")
+        return processes
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _available_host_bytes() -> int | None:

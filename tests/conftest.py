@@ -1,9 +1,14 @@
-"""Shared test settings: CUDA-only tests are skipped on machines without a CUDA device."""
+"""Shared test settings: CUDA-only tests are skipped on machines without a CUDA device; the
+``run_on`` fixture runs a test on the CPU runtime and on the simulated device."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+
+from hydra_offload.runtime.simulated import SimulatedDevice
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -13,3 +18,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+
+@pytest.fixture(params=["cpu", "simulated"])
+def run_on(request: pytest.FixtureRequest) -> Iterator[SimulatedDevice | None]:
+    """Runs the test twice: on the CPU runtime (copies synchronous), and on the simulated
+    device (copies complete later on other threads; missing waits and host/device mix-ups
+    raise). Yields the simulated device, or ``None``."""
+    if request.param == "cpu":
+        yield None
+        return
+    with SimulatedDevice() as simulated:
+        yield simulated
+
+
+@pytest.fixture
+def simulated() -> Iterator[SimulatedDevice]:
+    """The simulated device (see :mod:`hydra_offload.runtime.simulated`)."""
+    with SimulatedDevice() as device:
+        yield device

@@ -629,10 +629,10 @@ def point_half_then_fail(entries):
 FAILURES = {
     "host_storage_prefetch": (
         "prefetch_every_other_layer",
-        "hydra_offload.runtime.params.HostStorage",
+        "hydra_offload.runtime.device.HostStorage",
         fail,
     ),
-    "host_storage_uva": ("uva_host", "hydra_offload.runtime.params.HostStorage", fail),
+    "host_storage_uva": ("uva_host", "hydra_offload.runtime.device.HostStorage", fail),
     "pool_allocation": (
         "prefetch_every_other_layer",
         "hydra_offload.backends.prefetch.BufferPool",

@@ -1,8 +1,10 @@
 """The prefetch backend: offloaded layers stream through a static slot pool, in any order.
 
-On CPU the copies are synchronous and streams/events are no-ops, but slot ownership, the
-prefetch ring, on-demand loads (stalls), state_dict redirection and the counters are the same
-code as on CUDA, and are what these tests pin down. References are computed by the very same
+Slot ownership, the prefetch ring, on-demand loads (stalls), state_dict redirection and the
+counters are the same code as on CUDA, and are what these tests pin down. The tests that take
+the ``run_on`` fixture run twice: on the CPU runtime (copies synchronous) and on the simulated
+device (copies complete later on other threads, and any missing wait or host/device mix-up
+raises: see ``hydra_offload.runtime.simulated``). References are computed by the very same
 layers before offloading (a deep copy), run in the same order.
 """
 
@@ -115,7 +117,9 @@ LAYOUTS = {
 
 @pytest.mark.parametrize(("group", "k", "step"), list(LAYOUTS.values()), ids=list(LAYOUTS))
 @pytest.mark.parametrize("grad_enabled", [False, True], ids=["no_grad", "grad"])
-def test_decoder_outputs_are_bit_identical_over_repeated_forwards(group, k, step, grad_enabled):
+def test_decoder_outputs_are_bit_identical_over_repeated_forwards(
+    group, k, step, grad_enabled, run_on
+):
     model = small_decoder()
     ids = token_ids()
     with torch.set_grad_enabled(grad_enabled):
@@ -131,7 +135,7 @@ def test_decoder_outputs_are_bit_identical_over_repeated_forwards(group, k, step
     handle.remove()
 
 
-def test_offload_params_filter_keeps_outputs_identical():
+def test_offload_params_filter_keeps_outputs_identical(run_on):
     model = small_decoder()
     ids = token_ids()
     expected = model(ids)
@@ -148,7 +152,7 @@ def test_offload_params_filter_keeps_outputs_identical():
         assert handle.stats.stalls == 0
 
 
-def test_two_layer_stacks_keep_outputs_identical():
+def test_two_layer_stacks_keep_outputs_identical(run_on):
     torch.manual_seed(0)
     model = nn.ModuleDict(
         {"encoder": Ordered(4).layers, "decoder": Ordered(4).layers, "head": nn.Linear(HIDDEN, 3)}
@@ -170,7 +174,7 @@ def test_two_layer_stacks_keep_outputs_identical():
         assert handle.stats.stalls == 0
 
 
-def test_bfloat16_decoder_outputs_are_bit_identical():
+def test_bfloat16_decoder_outputs_are_bit_identical(run_on):
     model = small_decoder(dtype=torch.bfloat16)
     ids = token_ids()
     expected = model(ids)
@@ -194,7 +198,7 @@ ORDERS = {
 
 
 @pytest.mark.parametrize(("order", "must_stall"), list(ORDERS.values()), ids=list(ORDERS))
-def test_out_of_order_layers_compute_with_their_own_weights(order, must_stall):
+def test_out_of_order_layers_compute_with_their_own_weights(order, must_stall, run_on):
     order = [int(i) for i in order]
     model, reference, x = ordered_model()
     with apply_offload(model, prefetch(1, 1, 1)) as handle:  # all 6 layers share one slot set
@@ -205,7 +209,7 @@ def test_out_of_order_layers_compute_with_their_own_weights(order, must_stall):
 
 
 @pytest.mark.parametrize(("order", "must_stall"), list(ORDERS.values()), ids=list(ORDERS))
-def test_out_of_order_with_step_2_computes_with_own_weights(order, must_stall):
+def test_out_of_order_with_step_2_computes_with_own_weights(order, must_stall, run_on):
     order = [int(i) for i in order]
     model, reference, x = ordered_model()
     with apply_offload(model, prefetch(1, 1, 2)) as handle:
@@ -216,7 +220,7 @@ def test_out_of_order_with_step_2_computes_with_own_weights(order, must_stall):
 
 
 @pytest.mark.parametrize("order", [o for o, _ in ORDERS.values()], ids=list(ORDERS))
-def test_a_pool_holding_every_offloaded_layer_never_stalls(order):
+def test_a_pool_holding_every_offloaded_layer_never_stalls(order, run_on):
     order = [int(i) for i in order]
     model, reference, x = ordered_model()
     with warnings.catch_warnings():
@@ -229,7 +233,7 @@ def test_a_pool_holding_every_offloaded_layer_never_stalls(order):
     handle.remove()
 
 
-def test_alternating_orders_between_forwards_stay_correct():
+def test_alternating_orders_between_forwards_stay_correct(run_on):
     model, reference, x = ordered_model()
     orders = [[0, 1, 2, 3, 4, 5], [5, 3, 1], [2, 2, 4, 0], [0, 1, 2, 3, 4, 5], [1, 0]]
     with apply_offload(model, prefetch(2, 1, 1)):
@@ -237,7 +241,7 @@ def test_alternating_orders_between_forwards_stay_correct():
             assert torch.equal(model(x, order), reference(x, order))
 
 
-def test_forward_that_raises_halfway_leaves_the_next_forward_correct():
+def test_forward_that_raises_halfway_leaves_the_next_forward_correct(run_on):
     model, reference, x = ordered_model(block=Exploding)
     order = list(range(6))
     expected = reference(x, order)
@@ -255,7 +259,7 @@ def test_forward_that_raises_halfway_leaves_the_next_forward_correct():
         assert handle.stats.stalls == stalls
 
 
-def test_state_dict_after_a_raising_forward_holds_the_true_weights():
+def test_state_dict_after_a_raising_forward_holds_the_true_weights(run_on):
     model, reference, x = ordered_model(block=Exploding)
     with apply_offload(model, prefetch(1, 1, 2)):
         model.layers[2].explode = True
@@ -268,7 +272,7 @@ def test_state_dict_after_a_raising_forward_holds_the_true_weights():
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
-def test_shared_layer_instance_called_twice_keeps_its_weights():
+def test_shared_layer_instance_called_twice_keeps_its_weights(run_on):
     torch.manual_seed(0)
     blocks = [DecoderBlock(HIDDEN, num_heads=2, intermediate_size=32) for _ in range(4)]
     model = Ordered(0)
@@ -291,15 +295,19 @@ def test_shared_layer_instance_called_twice_keeps_its_weights():
 # --------------------------------------------------------------------------------------------
 
 
-def test_loading_one_layer_does_not_corrupt_the_layer_holding_its_slot():
+def test_loading_one_layer_does_not_corrupt_the_layer_holding_its_slot(run_on):
     model, reference, x = ordered_model()
     order = list(range(6))
     torch.manual_seed(5)
     new_layer = DecoderBlock(HIDDEN, num_heads=2, intermediate_size=32)
     partial = {f"layers.3.{k}": v for k, v in new_layer.state_dict().items()}
     reference.load_state_dict(partial, strict=False)
-    with apply_offload(model, prefetch(1, 1, 1)):
-        model(x, order)  # the wrap-around leaves layer 0 in the slots layer 3 also uses
+    with apply_offload(model, prefetch(1, 1, 1)) as handle:
+        # Not recorded: a recorded forward holds the wrap-around back for backward.
+        with torch.no_grad():
+            model(x, order)
+        ring = handle._installed.rings[0]
+        assert ring.holds(ring.layers[0])  # the slots layer 3 also uses hold layer 0
         model.load_state_dict(partial, strict=False)
         for _ in range(2):
             assert torch.equal(model(x, order), reference(x, order))
@@ -309,7 +317,7 @@ def test_loading_one_layer_does_not_corrupt_the_layer_holding_its_slot():
         )
 
 
-def test_state_dict_with_keep_vars_holds_the_true_weights():
+def test_state_dict_with_keep_vars_holds_the_true_weights(run_on):
     model, reference, x = ordered_model()
     with apply_offload(model, prefetch(1, 1, 1)):
         model(x, list(range(6)))
@@ -318,7 +326,7 @@ def test_state_dict_with_keep_vars_holds_the_true_weights():
         assert all(torch.equal(state[k].detach(), expected[k]) for k in expected)
 
 
-def test_backward_gradients_equal_the_unoffloaded_models():
+def test_backward_gradients_equal_the_unoffloaded_models(run_on):
     model, reference, x = ordered_model()
     order = list(range(6))
     model.train()
@@ -332,7 +340,7 @@ def test_backward_gradients_equal_the_unoffloaded_models():
             assert torch.equal(p.grad, q.grad), name
 
 
-def test_optimizer_steps_update_what_the_next_forward_uses():
+def test_optimizer_steps_update_what_the_next_forward_uses(run_on):
     model, reference, x = ordered_model()
     order = list(range(6))
     with apply_offload(model, prefetch(2, 1, 1)):
@@ -511,7 +519,7 @@ def test_applying_to_a_model_with_a_single_layer_stack_by_path():
 
 
 @pytest.mark.parametrize(("group", "step", "accumulate"), [(1, 1, 1), (2, 2, 1), (2, 1, 3)])
-def test_training_steps_give_the_parameters_of_the_unoffloaded_run(group, step, accumulate):
+def test_training_steps_give_the_parameters_of_the_unoffloaded_run(group, step, accumulate, run_on):
     model = small_decoder()
     reference = copy.deepcopy(model)
     ids = token_ids()
@@ -547,7 +555,7 @@ def test_compiled_training_through_offloaded_layers_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.AdamW])
-def test_steps_with_a_closure_update_the_offloaded_weights(optimizer_class):
+def test_steps_with_a_closure_update_the_offloaded_weights(optimizer_class, run_on):
     model = small_decoder().train()
     reference = copy.deepcopy(model)
     ids = token_ids()
@@ -566,7 +574,7 @@ def test_steps_with_a_closure_update_the_offloaded_weights(optimizer_class):
         assert torch.equal(model(ids), reference(ids))
 
 
-def test_training_with_activation_checkpointed_layers_matches_the_unoffloaded_run():
+def test_training_with_activation_checkpointed_layers_matches_the_unoffloaded_run(run_on):
     from torch.utils.checkpoint import checkpoint
 
     class Checkpointed(nn.Module):

@@ -18,6 +18,7 @@ their own weights.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hydra_offload import OffloadCallback, OffloadPlan, OffloadStats, apply_offload
 from hydra_offload.models import DecoderBlock, DecoderLM, LitDecoderLM, random_tokens
+from hydra_offload.runtime.simulated import SimulatedDevice
 
 STEPS = 20
 SIZES = {
@@ -62,6 +64,11 @@ class Backend:
     kind: str  # "prefetch" or "uva"
     layout: tuple[int, int, int] = (0, 1, 1)  # prefetch: group size, num in group, step
     zero_copy: bool | None = None  # uva: None gives "host" mode on CPU, False "copy" mode
+    simulated: bool = False  # on the simulated device instead of the CPU runtime
+
+    def device(self) -> contextlib.AbstractContextManager:
+        """Where the offloaded run happens: the simulated device, or nothing special."""
+        return SimulatedDevice() if self.simulated else contextlib.nullcontext()
 
     def config(self, params: tuple[str, ...] = ()) -> dict:
         if self.kind == "uva":
@@ -83,6 +90,12 @@ BACKENDS = {
     "prefetch-g4k3s1": Backend("prefetch", (4, 3, 1)),
     "uva-host": Backend("uva"),
     "uva-copy": Backend("uva", zero_copy=False),
+    # On the simulated device: copies complete later, missing waits and host/device mix-ups
+    # raise. (UVA there is copy mode: the device is an accelerator without zero-copy views.)
+    "prefetch-g2k1s1-sim": Backend("prefetch", (2, 1, 1), simulated=True),
+    "prefetch-g1k1s2-sim": Backend("prefetch", (1, 1, 2), simulated=True),
+    "prefetch-g4k3s1-sim": Backend("prefetch", (4, 3, 1), simulated=True),
+    "uva-copy-sim": Backend("uva", zero_copy=False, simulated=True),
 }
 ALL_BACKENDS = [pytest.param(b, id=name) for name, b in BACKENDS.items()]
 
@@ -212,7 +225,7 @@ def train_offloaded_and_compare(
     initial = params_of(model)
     before = dict(model.named_parameters())
     config = backend.config(offload_params)
-    with apply_offload(model, config, zero_copy=backend.zero_copy) as handle:
+    with backend.device(), apply_offload(model, config, zero_copy=backend.zero_copy) as handle:
         assert handle.plan.backend == backend.kind
         got = train(model, recipe)
         stats = handle.stats
@@ -418,7 +431,13 @@ def test_uva_copy_mode_backward_reads_no_weight_from_host_storage():
 # Under a Lightning Trainer: OffloadCallback, clipping, accumulation, precisions
 # --------------------------------------------------------------------------------------------
 
-LIGHTNING_BACKENDS = ["prefetch-g2k1s1", "prefetch-g1k1s2", "uva-host"]
+LIGHTNING_BACKENDS = [
+    "prefetch-g2k1s1",
+    "prefetch-g1k1s2",
+    "uva-host",
+    "prefetch-g2k1s1-sim",
+    "uva-copy-sim",
+]
 PRECISIONS = ["32-true", "bf16-true", "bf16-mixed"]
 ACCUMULATE = 4
 
@@ -481,7 +500,8 @@ def test_lightning_fit_with_clipping_and_accumulation_is_bit_identical(backend, 
     initial = params_of(lit)
     before = dict(lit.named_parameters())
     callback = OffloadCallback(BACKENDS[backend].config())
-    got = fit(lit, precision, callback)
+    with BACKENDS[backend].device():
+        got = fit(lit, precision, callback)
     assert_runs_equal(got, expected, initial)
     if precision != "32-true":  # the precision did change the arithmetic
         full = reference_fit("32-true").params

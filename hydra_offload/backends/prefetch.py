@@ -29,13 +29,19 @@ The gradient of each trainable offloaded parameter goes to page-locked host memo
 autograd has accumulated it (device to host, on a second stream, while backward goes on) and
 the device copy is released. When backward ends, those parameters point at their host weights
 and host gradients: gradient clipping and the optimizer step work on them there (the
-optimizer's state lives in host memory too), and the next forward copies the updated weights
-in. Gradient accumulation adds into the host gradient; ``zero_grad()`` starts it again.
-Whether a parameter trains is read when the offload is applied.
+optimizer's state lives in host memory too, wherever a loaded checkpoint put it), and the next
+forward copies the updated weights in. Gradient accumulation adds into the host gradient;
+``zero_grad()`` starts it again (see :mod:`hydra_offload.runtime.grads`). Whether a parameter
+trains is read when the offload is applied.
+
+Every copy, stream and event goes through the :class:`DeviceRuntime`, so the same code runs on
+an accelerator, on the CPU, and on the simulated device the tests use to make missing waits
+fail (:mod:`hydra_offload.runtime.simulated`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from functools import partial
 from typing import Any
@@ -52,7 +58,7 @@ from torch.utils.hooks import RemovableHandle
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
-from hydra_offload.runtime.host import HostStorage
+from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
 from hydra_offload.runtime.timing import WaitTimer
 
@@ -60,21 +66,17 @@ __all__ = ["PrefetchOffload"]
 
 
 class _Param:
-    """An offloaded parameter of a layer: its slot, its host copy, and its host gradient."""
+    """An offloaded parameter of a layer: its slot and its host copy."""
 
-    __slots__ = ("accumulate", "host", "host_grad", "layer", "on_host", "param", "slot")
+    __slots__ = ("host", "layer", "on_host", "param", "slot")
 
     def __init__(
         self, param: nn.Parameter, slot: torch.Tensor, host: torch.Tensor, layer: _Layer
     ) -> None:
-        self.layer = layer
+        self.layer: _Layer | None = layer
         self.param = param
         self.slot = slot
         self.host = host
-        self.host_grad: torch.Tensor | None = None
-        """Where the parameter's gradient is accumulated (host memory), made on first use."""
-        self.accumulate = False
-        """Whether the next gradient adds to ``host_grad`` (no ``zero_grad`` since the last)."""
         self.on_host = False
         """Whether ``.data`` / ``.grad`` point at host storage (after a backward, for the
         optimizer) instead of the slot."""
@@ -126,12 +128,12 @@ class _Ring:
         backend: PrefetchOffload,
     ) -> None:
         self.layers = layers
-        self.timer = WaitTimer(runtime.device, len(layers)) if runtime.is_cuda else None
+        self.timer = WaitTimer(runtime)
         self.ring_id = ops.register_ring(self)
         self.runtime = runtime
         self.copy_stream = copy_stream
         self.counters = counters
-        self.backend = backend
+        self.backend: PrefetchOffload | None = backend
         self.deferred: list[_Layer] = []
         """Wrap-around loads held back at the end of a recorded forward."""
         users: dict[int, list[int]] = defaultdict(list)
@@ -175,13 +177,12 @@ class _Ring:
                 if isinstance(slot.owner, _Layer) and slot.owner is not layer:
                     slot.owner.in_backward = False
         stream = self.copy_stream
-        with stream:
-            for slot in layer.slots:
-                if slot.free is not None:
-                    stream.wait_event(slot.free)  # compute is done with the old contents
-            for slot, host in layer.copies:
-                slot.tensor.copy_(host, non_blocking=True)
-            ready = stream.record_event()
+        for slot in layer.slots:
+            if slot.free is not None:
+                stream.wait_event(slot.free)  # compute is done with the old contents
+        for slot, host in layer.copies:
+            self.runtime.copy(stream, slot.tensor, host)
+        ready = stream.record_event()
         for slot in layer.slots:
             slot.owner = layer
             slot.ready = ready
@@ -221,11 +222,10 @@ class _Ring:
         if not self.holds(layer):
             self.counters.stalls += 1
             self.load(layer, now=True)
-        if self.timer is None:
-            self.runtime.current_stream().wait_event(layer.ready)
-        else:
-            self.timer.wait(layer.position, self.runtime.current_stream(), layer.ready)
+        assert self.timer is not None
+        self.timer.wait(self.runtime.current_stream(), layer.ready)
         if layer.on_host:
+            assert self.backend is not None
             self.backend.params_to_slots(layer)
 
     def begin(self, position: int, inputs: Any = None) -> None:
@@ -233,9 +233,6 @@ class _Ring:
         its inputs that tells when its backward is done."""
         layer = self.layers[position]
         self._acquire(layer)
-        if not layer.in_backward:
-            # A forward outside backward: a backward that raised never ran its end callback.
-            self.backend.callback_queued = False
         if layer.in_backward or inputs is None or not torch.is_grad_enabled():
             return  # (in backward: a recomputation, e.g. activation checkpointing)
         for tensor in _tensors(inputs):
@@ -284,10 +281,10 @@ class _Ring:
         for other in self.layers:
             if other.in_backward:
                 self.end_backward(other)
+        assert self.backend is not None
         self.backend.backward_started()
         self.deferred = []
         self._acquire(layer)
-        self.backend.grads_off(layer)
         layer.in_backward = True
         for slot in layer.slots:
             slot.used = False  # in use until its backward is done
@@ -328,6 +325,25 @@ class _Ring:
             slot.owner = None
             slot.free = done
 
+    def dismantle(self) -> None:
+        """Drop every reference between the ring, its layers, parameters and slots, so their
+        memory is released as soon as the backend lets go (no reference cycle is left for
+        the garbage collector)."""
+        ops.unregister_ring(self.ring_id)
+        for layer in self.layers:
+            for entry in layer.params:
+                entry.layer = None
+            layer.params = []
+            layer.copies = []
+            layer.slots = []
+            layer.next_users = []
+            layer.prev_users = []
+            layer.ready = None
+        self.layers = []
+        self.deferred = []
+        self.backend = None
+        self.timer = None
+
 
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
@@ -342,12 +358,12 @@ class PrefetchOffload:
         self.runtime = runtime
         self.counters = counters
         self._hooks: list[RemovableHandle] = []
-        self._grad_storage: list[HostStorage] = []
+        self.rings: list[_Ring] = []
+        self._params: dict[int, _Param] = {}
+        self.grads: HostGradients | None = None
         params = dict(model.named_parameters())
-        self.staged: Staged = stage_to_host(
-            [(p.name, params[p.name]) for p in plan.params],
-            pin_for=runtime.device if runtime.is_cuda else None,
-        )
+        offloaded = [(p.name, params[p.name]) for p in plan.params]
+        self.staged: Staged = stage_to_host(offloaded, runtime)
         if runtime.is_cuda and not all(e.host.is_pinned() for e in self.staged.params):
             self.staged.storage.free()
             raise RuntimeError("host storage is not page-locked: async copies would be unsafe")
@@ -374,13 +390,9 @@ class PrefetchOffload:
         by_layer: dict[tuple[str, int], list[Any]] = defaultdict(list)
         for p in plan.params:
             by_layer[(p.stack, p.layer)].append(p)
-        copy_stream = self.runtime.new_stream()
+        copy_stream = self.copy_stream = self.runtime.new_stream()
         # The pool's memory may have been used by compute just before; copies go after it.
         copy_stream.wait_stream(self.runtime.current_stream())
-        self.grad_stream = self.runtime.new_stream()
-        """Gradients of offloaded parameters go to host memory on this stream."""
-        self.rings: list[_Ring] = []
-        self._params: dict[int, _Param] = {}
         for stack_plan in plan.stacks:
             stack = model.get_submodule(stack_plan.path) if stack_plan.path else model
             layers = []
@@ -406,16 +418,13 @@ class PrefetchOffload:
             for layer in ring.layers:
                 for entry in layer.params:
                     self._params[id(entry.param)] = entry
-                    if not entry.param.requires_grad:
-                        continue  # frozen: read when the offload is applied
-                    self._hooks.append(
-                        entry.param.register_post_accumulate_grad_hook(
-                            partial(self._grad_ready, entry)
-                        )
-                    )
-        self._pending: list[tuple[_Param, torch.Tensor]] = []
-        self._with_grad: dict[int, _Param] = {}
-        self.callback_queued = False
+        # Whether a parameter trains is read now.
+        self.grads = HostGradients(
+            self.runtime, [e.param for e in self._params.values() if e.param.requires_grad]
+        )
+        self.grads.on_received = self.backward_started
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._queued_for: int | None = None
         self._hooks += [
             register_optimizer_step_pre_hook(self._before_step),
             register_optimizer_step_post_hook(self._after_step),
@@ -431,83 +440,34 @@ class PrefetchOffload:
 
     def backward_started(self) -> None:
         """Arrange for :meth:`_backward_finished` to run when this backward pass ends."""
-        if not self.callback_queued:
-            self.callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
-
-    def _host_grad(self, entry: _Param) -> torch.Tensor:
-        if entry.host_grad is None:
-            # Every offloaded parameter that trains gets its host gradient at once: one
-            # exact-size (page-locked on CUDA) buffer instead of one allocation each.
-            missing = [e for e in self._params.values() if e.host_grad is None and
-                       (e.param.requires_grad or e is entry)]  # fmt: skip
-            storage = HostStorage(
-                [(tuple(e.host.shape), tuple(e.host.stride()), e.host.dtype) for e in missing],
-                pin_for=self.runtime.device if self.runtime.is_cuda else None,
-            )
-            self._grad_storage.append(storage)
-            for e, tensor in zip(missing, storage.tensors, strict=True):
-                e.host_grad = tensor
-        assert entry.host_grad is not None
-        return entry.host_grad
-
-    def _grad_ready(self, entry: _Param, param: torch.Tensor) -> None:
-        """A gradient of an offloaded parameter is complete on the device: add it to the host
-        gradient, on the gradient stream, and release the device copy."""
-        grad = param.grad
-        if grad is None:
-            return
-        if grad is entry.host_grad:  # autograd added to it in place (a layer not hooked)
-            self._with_grad[id(param)] = entry
-            self.backward_started()
-            return
-        host_grad = self._host_grad(entry)
-        if self.runtime.is_accelerator:
-            stream = self.grad_stream
-            stream.wait_stream(self.runtime.current_stream())
-            with stream:
-                if entry.accumulate:
-                    staging = torch.empty_like(host_grad, pin_memory=True)
-                    staging.copy_(grad, non_blocking=True)
-                    self._pending.append((entry, staging))
-                else:
-                    host_grad.copy_(grad, non_blocking=True)
-            grad.record_stream(stream)
-        elif entry.accumulate:
-            host_grad.add_(grad)
-        else:
-            host_grad.copy_(grad)
-        entry.accumulate = True
-        param.grad = None
-        self._with_grad[id(param)] = entry
-        self.backward_started()
+        self._queued_for = queue_once(self._backward_finished, self._queued_for)
 
     def _backward_finished(self) -> None:
         """After backward: host gradients complete, trained parameters pointed at host
         storage (where the optimizer updates them), every slot free again."""
-        self.callback_queued = False
-        if self.runtime.is_accelerator:
-            self.grad_stream.synchronize()
-        for entry, staging in self._pending:
-            assert entry.host_grad is not None
-            entry.host_grad.add_(staging)
-        self._pending = []
+        self._queued_for = None
+        assert self.grads is not None
+        received = self.grads.finish()
         for ring in self.rings:
             ring.backward_done()
-        for entry in self._with_grad.values():
-            if not entry.on_host:
-                entry.param.data = entry.host
-                entry.on_host = True
+        for param, host_grad in received:
+            entry = self._params[id(param)]
+            self._to_host(entry)
+            param.grad = host_grad
+
+    def _to_host(self, entry: _Param) -> None:
+        if not entry.on_host:
+            entry.param.data = entry.host
+            entry.on_host = True
+            if entry.layer is not None:
                 entry.layer.on_host = True
-            entry.param.grad = entry.host_grad
-        self._with_grad = {}
 
     def params_to_slots(self, layer: _Layer) -> None:
         """Point the layer's parameters back at its slots before it computes again.
 
-        Their gradients stay in host storage until the layer's backward starts (see
-        :meth:`grads_off`): ``zero_grad()`` may still come in between, as Lightning calls it
-        after the forward of the first micro-batch.
+        Their gradients stay in host memory until autograd accumulates the next ones
+        (see :class:`~hydra_offload.runtime.grads.HostGradients`): ``zero_grad()`` may still
+        come in between, as Lightning calls it after the forward of the first micro-batch.
         """
         for entry in layer.params:
             if entry.on_host:
@@ -515,39 +475,32 @@ class PrefetchOffload:
                 entry.on_host = False
         layer.on_host = False
 
-    def grads_off(self, layer: _Layer) -> None:
-        """The layer's backward is about to accumulate gradients: take the host gradients
-        off the parameters; the new ones add to them unless ``zero_grad()`` dropped them."""
-        for entry in layer.params:
-            if not entry.param.requires_grad:
-                continue  # frozen: no gradient hook, nothing of ours to manage
-            grad = entry.param.grad
-            if grad is None:
-                entry.accumulate = False
-                continue
-            if grad is not entry.host_grad:
-                self._host_grad(entry).copy_(grad)  # a gradient set by hand
-            entry.accumulate = True
-            entry.param.grad = None
-
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """An optimizer is about to step: offloaded parameters it holds that have a gradient
+        """An optimizer is about to step. Offloaded parameters it holds that have a gradient
         but still point at their slots (a gradient set by hand, or a forward since the last
-        backward) are pointed at host storage, so the step updates their true weights."""
+        backward) are pointed at host storage, so the step updates their true weights; and
+        the state of every offloaded parameter it steps is moved to host memory, where the
+        step runs, if something (``load_state_dict``, Lightning's checkpoint restore) put it
+        on the device."""
+        assert self.grads is not None
+        stepping = []
         for group in optimizer.param_groups:
             for param in group["params"]:
                 entry = self._params.get(id(param))
-                if entry is None or entry.on_host or param.grad is None:
+                if entry is None:
                     continue
-                grad = param.grad
-                host_grad = self._host_grad(entry)
-                if grad is not host_grad:
-                    host_grad.copy_(grad)
-                param.grad = None
-                param.data = entry.host
-                param.grad = host_grad
-                entry.on_host = True
-                entry.layer.on_host = True
+                self._optimizers.add(optimizer)
+                if not entry.on_host and param.grad is not None:
+                    host_grad = self.grads.adopt(param)
+                    self._to_host(entry)
+                    param.grad = host_grad
+                if entry.on_host:
+                    stepping.append(param)
+        if stepping:
+            # The step writes host weights that a copy may still be reading (a preload).
+            self.copy_stream.synchronize()
+            runtime = self.runtime
+            optimizer_state_to(optimizer, stepping, runtime.to_host, runtime.in_host_memory)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """An optimizer updated parameters: whatever the slots hold of offloaded ones that
@@ -571,25 +524,42 @@ class PrefetchOffload:
             module.register_forward_pre_hook(partial(ring.before, position), with_kwargs=True),
             module.register_forward_hook(partial(ring.after, position), always_call=True),
             module.register_state_dict_post_hook(partial(_true_weights, hosts)),
-            module.register_load_state_dict_pre_hook(partial(_load_into_host, hosts)),
+            module.register_load_state_dict_pre_hook(partial(self._before_load, hosts)),
             module.register_load_state_dict_post_hook(partial(self._after_load, ring, layer)),
         ]
 
-    def _after_load(self, ring: _Ring, layer: _Layer, module: nn.Module, keys: Any) -> None:
-        # The default loader also copied into the slots (which other layers may own):
-        # wait for that copy, then make every layer sharing them reload from the host.
+    def _before_load(self, hosts: dict[str, torch.Tensor], *args: Any) -> None:
+        # Copies from host storage may still be under way: let them finish first.
         self.runtime.synchronize()
+        _load_into_host(hosts, *args)
+
+    def _after_load(self, ring: _Ring, layer: _Layer, module: nn.Module, keys: Any) -> None:
+        # The default loader also copied into the slots (which other layers may own): make
+        # every layer sharing them reload from the host, after that copy (invalidate records
+        # the event the next copy into the slots waits for).
         ring.invalidate(layer)
 
     @property
     def wait_ms(self) -> float | None:
-        """Time the compute stream waited for copies (CUDA only)."""
-        timers = [ring.timer for ring in self.rings if ring.timer is not None]
-        return sum(t.read() for t in timers) if timers else None
+        """Time the compute stream waited for copies (where timing events exist)."""
+        times = [ring.timer.read() for ring in self.rings if ring.timer is not None]
+        measured = [t for t in times if t is not None]
+        return sum(measured) if measured else None
 
     @property
     def pool_bytes(self) -> int:
         return self.pool.nbytes if hasattr(self, "pool") else 0
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory allocated: weights, gradients and gradient staging buffers."""
+        grads = self.grads.nbytes if self.grads is not None else 0
+        return self.staged.storage.nbytes + grads
+
+    @property
+    def host_bytes_pinned(self) -> int:
+        grads = self.grads.pinned_bytes if self.grads is not None else 0
+        return self.staged.storage.pinned_bytes + grads
 
     def remove(self, device: torch.device | None = None) -> None:
         self._uninstall(restore_params=True, device=device)
@@ -599,26 +569,39 @@ class PrefetchOffload:
             hook.remove()
         self._hooks = []
         self.runtime.synchronize()  # no copy may still be writing into the pool
+        entries = list(self._params.values())
         grads = {}
-        for key, entry in getattr(self, "_params", {}).items():
+        for entry in entries:
             if entry.param.grad is not None:
-                grads[key] = entry.param.grad
+                grads[id(entry.param)] = entry.param.grad
                 entry.param.grad = None
         if restore_params:
             restore(self.staged.params, device)
-        for entry in getattr(self, "_params", {}).values():
+        for entry in entries:
             grad = grads.get(id(entry.param))
             if grad is not None:  # a gradient in host storage leaves it with the parameter
-                entry.param.grad = grad.to(entry.param.device, copy=True)
+                entry.param.grad = self.runtime.to_device(grad, entry.param.device, copy=True)
+        # Optimizer state kept in host memory for the host step follows the parameters back.
+        for optimizer in list(getattr(self, "_optimizers", ())):
+            for entry in entries:
+                target = entry.param.device
+                optimizer_state_to(
+                    optimizer,
+                    [entry.param],
+                    partial(self.runtime.to_device, device=target),
+                    lambda t: t.dim() == 0 or not self.runtime.in_host_memory(t),
+                )
+        self.runtime.synchronize()  # the copies out of host storage are complete
+        if self.grads is not None:
+            self.grads.remove()
+            self.grads = None
         if hasattr(self, "pool"):
             self.pool.release()
-        for ring in getattr(self, "rings", []):
-            ops.unregister_ring(ring.ring_id)
+        for ring in self.rings:
+            ring.dismantle()
         self.rings = []
+        self._params = {}
         self.staged.storage.free()
-        for storage in self._grad_storage:
-            storage.free()
-        self._grad_storage = []
 
 
 def _true_weights(

@@ -8,26 +8,35 @@ Three ways to serve a module its offloaded weights, chosen at apply time:
 - ``host`` (CPU compute device): the parameter's ``.data`` is the host tensor itself; the CPU
   reads it directly, which is the same arrangement without a device in between.
 - ``copy``: where no zero-copy view can be made (another accelerator) or when asked with
-  ``zero_copy=False``: between forwards ``.data`` points at host memory; a pre-forward hook on
-  each module that owns offloaded weights gives them a fresh device copy, and the
-  post-forward hook points them back at host memory, releasing the copy.
+  ``zero_copy=False``: between forwards ``.data`` points at host memory (page-locked, so the
+  copies are asynchronous); a pre-forward hook on each module that owns offloaded weights
+  gives them a fresh device copy on the compute stream, and the post-forward hook points them
+  back at host memory, releasing the copy.
+
+Training. Zero-copy: gradients are accumulated into zero-copy views of page-locked host
+memory. Copy mode: gradients go to host memory as autograd produces them
+(:class:`~hydra_offload.runtime.grads.HostGradients`), and the optimizer steps on the host
+weights, its state in host memory too, wherever a loaded checkpoint put it.
 
 Tied parameters are offloaded once; every module that shares them sees the same parameter.
 """
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import OffloadedParam, Staged, point_at, restore, stage_to_host
 
@@ -55,12 +64,13 @@ class UVAOffload:
         self._hooks: list[RemovableHandle] = []
         self._saving: list[tuple[nn.Module, Any]] = []
         self._grad_storage: HostStorage | None = None
+        self.grads: HostGradients | None = None
+        self._queued_for: int | None = None
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self.mode: UVAMode = _choose_mode(runtime, zero_copy)
         params = dict(model.named_parameters())
-        self.staged: Staged = stage_to_host(
-            [(p.name, params[p.name]) for p in plan.params],
-            pin_for=runtime.device if self.mode == "zero_copy" else None,
-        )
+        offloaded = [(p.name, params[p.name]) for p in plan.params]
+        self.staged: Staged = stage_to_host(offloaded, runtime)
         try:
             views = self._zero_copy_views(zero_copy) if self.mode == "zero_copy" else None
             if views is not None:
@@ -103,16 +113,18 @@ class UVAOffload:
                 self._hooks += [
                     module.register_forward_pre_hook(partial(self._fetch, owned)),
                     module.register_forward_hook(partial(self._release, owned), always_call=True),
+                    module.register_load_state_dict_pre_hook(self._before_load),
                 ]
 
     def _fetch(self, owned: list[OffloadedParam], module: nn.Module, args: Any) -> None:
         device = self.runtime.device
+        stream = self.runtime.current_stream()
         copies: dict[int, torch.Tensor] = {}
         for entry in owned:
             copy = torch.empty_strided(
                 entry.host.shape, entry.host.stride(), dtype=entry.host.dtype, device=device
             )
-            copy.copy_(entry.host, non_blocking=True)
+            self.runtime.copy(stream, copy, entry.host)
             entry.param.data = copy
             copies[id(entry.param)] = copy
             self.counters.h2d_bytes += entry.host.numel() * entry.host.element_size()
@@ -130,6 +142,11 @@ class UVAOffload:
         for entry in owned:
             entry.param.data = entry.host
 
+    def _before_load(self, *args: Any) -> None:
+        # A copy out of host storage may still be under way: let it finish before the
+        # loader writes there.
+        self.runtime.synchronize()
+
     def _hook_grads(self) -> None:
         """Gradients of trainable offloaded parameters live in host memory too.
 
@@ -137,36 +154,91 @@ class UVAOffload:
         autograd accumulates into host memory and the optimizer's update (through the
         parameter's view) lands there; the optimizer's own state (e.g. Adam's moments) is
         allocated by the optimizer on the device. Copy mode: between forwards the parameter
-        is its host tensor, and so is its gradient.
+        is its host tensor; its gradient is copied to host memory as autograd produces it,
+        and the optimizer steps there.
         """
         trainable = [e for e in self.staged.params if e.param.requires_grad]
         if not trainable:
             return
+        if self.mode == "copy":
+            self.grads = HostGradients(self.runtime, [e.param for e in trainable])
+            self.grads.on_received = self._backward_started
+            self._hooks.append(register_optimizer_step_pre_hook(self._before_step))
+            return
         layouts = [(tuple(e.host.shape), tuple(e.host.stride()), e.host.dtype) for e in trainable]
-        zero_copy = self.mode == "zero_copy"
-        self._grad_storage = HostStorage(
-            layouts, pin_for=self.runtime.device if zero_copy else None
-        )
-        grads = self._grad_storage.device_views(self.runtime.device) if zero_copy else None
-        for i, entry in enumerate(trainable):
-            home = grads[i] if grads is not None else self._grad_storage.tensors[i]
+        self._grad_storage = self.runtime.host_storage(layouts)
+        grads = self._grad_storage.device_views(self.runtime.device)
+        for home, entry in zip(grads, trainable, strict=True):
             self._hooks.append(
                 entry.param.register_post_accumulate_grad_hook(partial(_grad_home, home))
             )
+
+    def _backward_started(self) -> None:
+        self._queued_for = queue_once(self._backward_finished, self._queued_for)
+
+    def _backward_finished(self) -> None:
+        """After backward (copy mode): the host gradients are complete; give them to the
+        parameters, which point at their host weights between forwards."""
+        self._queued_for = None
+        assert self.grads is not None
+        for param, host_grad in self.grads.finish():
+            param.grad = host_grad
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Copy mode: the step of offloaded parameters runs in host memory; their state
+        goes there if something put it on the device (a loaded checkpoint)."""
+        assert self.grads is not None
+        stepping = [
+            p for group in optimizer.param_groups for p in group["params"] if p in self.grads
+        ]
+        if stepping:
+            self._optimizers.add(optimizer)
+            # The step writes host weights that a per-forward copy may still be reading.
+            self.runtime.current_stream().synchronize()
+            runtime = self.runtime
+            optimizer_state_to(optimizer, stepping, runtime.to_host, runtime.in_host_memory)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory allocated: weights, and gradients of trainable offloaded weights."""
+        extra = [s for s in (self._grad_storage,) if s is not None]
+        grads = self.grads.nbytes if self.grads is not None else 0
+        return self.staged.storage.nbytes + grads + sum(s.nbytes for s in extra)
+
+    @property
+    def host_bytes_pinned(self) -> int:
+        extra = [s for s in (self._grad_storage,) if s is not None]
+        grads = self.grads.pinned_bytes if self.grads is not None else 0
+        return self.staged.storage.pinned_bytes + grads + sum(s.pinned_bytes for s in extra)
 
     def remove(self, device: torch.device | None = None) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self.runtime.synchronize()
-        grads = {id(e.param): e.param.grad for e in self.staged.params}
-        for entry in self.staged.params:
+        entries = self.staged.params
+        grads = {id(e.param): e.param.grad for e in entries}
+        for entry in entries:
             entry.param.grad = None
-        restore(self.staged.params, device)
-        for entry in self.staged.params:
+        restore(entries, device)
+        for entry in entries:
             grad = grads[id(entry.param)]
             if grad is not None:  # out of host storage, onto the parameter's device
-                entry.param.grad = grad.to(entry.param.device, copy=True)
+                entry.param.grad = self.runtime.to_device(grad, entry.param.device, copy=True)
+        for optimizer in list(self._optimizers):
+            for entry in entries:
+                optimizer_state_to(
+                    optimizer,
+                    [entry.param],
+                    partial(self.runtime.to_device, device=entry.param.device),
+                    lambda t: t.dim() == 0 or not self.runtime.in_host_memory(t),
+                )
+        # The copies above read host memory (or zero-copy views of it) on the device: they
+        # must be complete before that memory is released.
+        self.runtime.synchronize()
+        if self.grads is not None:
+            self.grads.remove()
+            self.grads = None
         self.staged.storage.free()
         if self._grad_storage is not None:
             self._grad_storage.free()
@@ -174,8 +246,9 @@ class UVAOffload:
 
 
 def _grad_home(home: torch.Tensor, param: torch.Tensor) -> None:
-    """After autograd accumulated a gradient: keep it in ``home`` (host memory), so the
-    next accumulations add there and no gradient stays in device memory."""
+    """After autograd accumulated a gradient (zero-copy): keep it in ``home`` (a zero-copy
+    view of host memory), so the next accumulations add there and no gradient stays in
+    device memory."""
     grad = param.grad
     if grad is None or grad is home:
         return

@@ -1,12 +1,30 @@
-"""Streams and events for one compute device, or stand-ins that do nothing on CPU."""
+"""Streams, events, copies and host memory for one compute device.
+
+Every device-side step of the backends goes through a :class:`DeviceRuntime`: which stream a
+copy runs on, what it waits for, where host memory comes from. Three implementations:
+
+- the accelerator runtime (CUDA and other ``torch.accelerator`` devices): real streams and
+  events; copies are queued and return at once;
+- the CPU runtime (compute device = CPU): copies complete before the call returns, streams and
+  events are stand-ins that do nothing, so the same backend code runs on a machine without an
+  accelerator;
+- the simulated device for tests (:mod:`hydra_offload.runtime.simulated`): copies on side
+  streams complete later, on other threads, and missing waits or host/device mix-ups fail.
+
+:func:`runtime_for` picks one for a device.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-__all__ = ["DeviceRuntime", "NullEvent", "NullStream"]
+from hydra_offload.runtime.host import HostStorage, Layout
+
+__all__ = ["DeviceRuntime", "NullEvent", "NullStream", "runtime_for"]
 
 
 class NullEvent:
@@ -41,15 +59,9 @@ class NullStream:
     def synchronize(self) -> None:
         return None
 
-    def __enter__(self) -> NullStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
 
 class DeviceRuntime:
-    """The compute device, its streams and events.
+    """The compute device, its streams and events, copies between it and host memory.
 
     Args:
         device: the device layers compute on. ``cpu`` gives the synchronous stand-ins.
@@ -58,6 +70,11 @@ class DeviceRuntime:
         >>> rt = DeviceRuntime(torch.device("cpu"))
         >>> rt.is_accelerator, type(rt.new_stream()).__name__
         (False, 'NullStream')
+        >>> host = rt.host_storage([((2,), (1,), torch.float32)])
+        >>> dst = torch.empty(2)
+        >>> rt.copy(rt.new_stream(), dst, host.tensors[0].fill_(3))
+        >>> dst.tolist()
+        [3.0, 3.0]
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -66,6 +83,15 @@ class DeviceRuntime:
         self.is_cuda = device.type == "cuda"
         self._null = NullStream()
 
+    @property
+    def pin_for(self) -> torch.device | None:
+        """The device host memory is page-locked for (CUDA), or ``None``."""
+        return self.device if self.is_cuda else None
+
+    def host_storage(self, layouts: Sequence[Layout]) -> HostStorage:
+        """Exact-size host memory for these layouts, page-locked for the device on CUDA."""
+        return HostStorage(layouts, pin_for=self.pin_for)
+
     def new_stream(self) -> Any:
         """A new side stream (the copy stream), or a :class:`NullStream` on CPU."""
         if not self.is_accelerator:
@@ -73,10 +99,46 @@ class DeviceRuntime:
         return torch.Stream(device=self.device)
 
     def current_stream(self) -> Any:
-        """The stream compute is issued on right now (changes under ``with stream:``)."""
+        """The stream compute is issued on right now."""
         if not self.is_accelerator:
             return self._null  # called in every layer's hooks: no allocation
         return torch.accelerator.current_stream(self.device)
+
+    def copy(self, stream: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst.copy_(src)``, queued on ``stream`` (asynchronous with respect to the host
+        where the memory allows it: page-locked host memory on CUDA).
+
+        A device tensor read on a side stream is marked as in use there, so the allocator
+        does not hand its memory out again before the copy is done, even if it is released
+        at once.
+        """
+        if not self.is_accelerator:
+            dst.copy_(src)
+            return
+        with stream:
+            dst.copy_(src, non_blocking=True)
+        if src.device.type == self.device.type and stream != self.current_stream():
+            src.record_stream(stream)
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor`` in ordinary host memory, complete when this returns."""
+        return tensor.to("cpu", copy=True)
+
+    def to_device(
+        self, tensor: torch.Tensor, device: torch.device, *, copy: bool = False
+    ) -> torch.Tensor:
+        """``tensor`` on ``device`` (itself if it is there already, unless ``copy``)."""
+        return tensor.to(device, copy=copy)
+
+    def in_host_memory(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in host memory."""
+        return tensor.device.type == "cpu"
+
+    def timing_event(self) -> Any:
+        """A new event that can measure elapsed time, or ``None`` where none exists."""
+        if not self.is_accelerator:
+            return None
+        return torch.Event(self.device, enable_timing=True)
 
     def synchronize(self) -> None:
         """Wait on the host for all work on the device (never called in a forward)."""
@@ -88,3 +150,19 @@ class DeviceRuntime:
         if not self.is_accelerator:
             return None
         return int(torch.accelerator.memory_allocated(self.device))
+
+
+RuntimeFactory = Callable[[torch.device], "DeviceRuntime | None"]
+
+_FACTORY: ContextVar[RuntimeFactory | None] = ContextVar("hydra_offload_runtime", default=None)
+
+
+def runtime_for(device: torch.device) -> DeviceRuntime:
+    """The runtime for ``device``: the real one, unless a simulated device
+    (:class:`~hydra_offload.runtime.simulated.SimulatedDevice`) is active for it."""
+    factory = _FACTORY.get()
+    if factory is not None:
+        runtime = factory(device)
+        if runtime is not None:
+            return runtime
+    return DeviceRuntime(device)

@@ -7,7 +7,8 @@ Example:
     >>> import torch
     >>> linear = torch.nn.Linear(2, 2)
     >>> weight, before = linear.weight, linear.weight.detach().clone()
-    >>> staged = stage_to_host([("weight", linear.weight)], pin_for=None)
+    >>> from hydra_offload.runtime.device import DeviceRuntime
+    >>> staged = stage_to_host([("weight", linear.weight)], DeviceRuntime(torch.device("cpu")))
     >>> staged.params[0].host.data_ptr() != before.data_ptr()
     True
     >>> restore(staged.params)
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from hydra_offload.errors import OffloadError
+from hydra_offload.runtime.device import DeviceRuntime
 from hydra_offload.runtime.host import HostStorage
 
 __all__ = ["MoveGuard", "OffloadedParam", "Staged", "restore", "stage_to_host"]
@@ -49,16 +51,15 @@ class Staged:
     params: list[OffloadedParam]
 
 
-def stage_to_host(
-    params: Sequence[tuple[str, nn.Parameter]], *, pin_for: torch.device | None
-) -> Staged:
-    """Copy each parameter's values into one new :class:`HostStorage`; the model is unchanged.
+def stage_to_host(params: Sequence[tuple[str, nn.Parameter]], runtime: DeviceRuntime) -> Staged:
+    """Copy each parameter's values into one new :class:`HostStorage` (page-locked for the
+    runtime's device where it has one); the model is unchanged.
 
     Raises:
         RuntimeError: host memory could not be allocated or page-locked (nothing is kept).
     """
     layouts = [(tuple(p.shape), tuple(p.stride()), p.dtype) for _, p in params]
-    storage = HostStorage(layouts, pin_for=pin_for)
+    storage = runtime.host_storage(layouts)
     staged = []
     try:
         with torch.no_grad():
