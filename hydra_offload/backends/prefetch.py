@@ -195,24 +195,30 @@ class _Ring:
         """Forward pre-hook of offloaded layer ``position``.
 
         Compiled without gradients, the step is a custom operator (see :mod:`runtime.ops`),
-        so the graph has no break. With gradients, the step also sets up backward (tensor
-        hooks), which the compiler does not trace: the graph breaks there and the step runs
-        eagerly.
+        so the graph has no break. The operator takes the layer's offloaded weights, so that
+        the compiled code reads them only after it. With gradients, the step also sets up
+        backward (tensor hooks), which the compiler does not trace: the graph breaks there and
+        the step runs eagerly.
         """
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             anchor = ops.first_tensor((args, kwargs))
             if anchor is not None:
-                ops.layer_begin(anchor, self.ring_id, position)
+                weights = [entry.param for entry in self.layers[position].params]
+                ops.layer_begin(anchor, weights, self.ring_id, position)
                 return
             torch._dynamo.graph_break()  # nothing to order the weights' reads after
         self.begin(position, (args, kwargs))
 
     def after(self, position: int, module: nn.Module, args: Any, output: Any) -> None:
-        """Forward hook of offloaded layer ``position`` (also called when it raised)."""
+        """Forward hook of offloaded layer ``position`` (also called when it raised).
+
+        Compiled, the operator takes the layer's weights too: every read of them runs before.
+        """
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             anchor = ops.first_tensor(output)
             if anchor is not None:
-                ops.layer_end(anchor, self.ring_id, position)
+                weights = [entry.param for entry in self.layers[position].params]
+                ops.layer_end(anchor, weights, self.ring_id, position)
                 return
             torch._dynamo.graph_break()
         self.end(position, output)
