@@ -67,8 +67,14 @@ class SimulatedDeviceError(AssertionError):
     """A stream-ordering or host/device bug the simulated device detected."""
 
 
+_HAPPENED = threading.Event()
+_HAPPENED.set()
+
+
 class SimEvent:
-    """An event of the simulated device: happened once its stream has reached it."""
+    """An event of the simulated device: happened once its stream has reached its latest
+    record. As with CUDA events, an event never recorded has happened, and a wait takes the
+    latest record at the time it is issued (a later record does not change it)."""
 
     __slots__ = ("_device", "clock", "happened", "time")
 
@@ -76,7 +82,8 @@ class SimEvent:
         self._device = device
         self.clock: dict[int, int] = {}
         """What its stream had done (and learned of others) when it was recorded."""
-        self.happened = threading.Event()
+        self.happened = _HAPPENED
+        """Set once the stream has reached the latest record (a new object per record)."""
         self.time = 0.0
 
     def record(self, stream: Any = None) -> None:
@@ -114,7 +121,7 @@ class _ComputeStream:
         with self._device._lock:
             event.clock = self._device._clock_of(COMPUTE)
         event.time = time.perf_counter()
-        event.happened.set()
+        event.happened = _HAPPENED
         return event
 
     def wait_event(self, event: SimEvent) -> None:
@@ -148,12 +155,13 @@ class _SideStream:
         event = event or SimEvent(self._device)
         with self._device._lock:
             event.clock = self._device._clock_of(self.id)
-        self._queue.put(("record", event))
+        event.happened = threading.Event()
+        self._queue.put(("record", event, event.happened))
         return event
 
     def wait_event(self, event: SimEvent) -> None:
         self._device._learns(self.id, event.clock)
-        self._queue.put(("wait", event))
+        self._queue.put(("wait", event.happened))
 
     def wait_stream(self, stream: Any) -> None:
         self.wait_event(stream.record_event())
@@ -183,11 +191,12 @@ def _run_queue(work: queue.SimpleQueue[Any]) -> None:
             with torch.no_grad():
                 dst.copy_(src)
         elif kind == "record":
-            event = item[1]
-            event.time = time.perf_counter()
-            event.happened.set()
+            _, event, happened = item
+            if event.happened is happened:  # not recorded again since
+                event.time = time.perf_counter()
+            happened.set()
         else:  # "wait"
-            item[1].happened.wait()
+            item[1].wait()
 
 
 class SimulatedRuntime(DeviceRuntime):
