@@ -101,6 +101,7 @@ class OffloadHandle:
     ) -> None:
         self.plan = plan
         self.device = runtime.device
+        self._runtime = runtime
         self._model_ref = weakref.ref(model)
         self._installed = installed
         self._counters = counters
@@ -136,6 +137,9 @@ class OffloadHandle:
     def _leave_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             return
+        # Casts autocast cached during this forward (e.g. of zero-copy weights) do not
+        # outlive it; the backends drop those of their layers as each one ends.
+        self._runtime.forget_cached_casts()
         if self._running == threading.get_ident():
             self._running = None
 

@@ -255,6 +255,7 @@ class _Ring:
         for slot in layer.slots:
             slot.free = done
             slot.used = True
+        self.runtime.forget_cached_casts()
         recorded = False
         if output is not None and torch.is_grad_enabled():
             for tensor in _tensors(output):

@@ -141,6 +141,7 @@ class UVAOffload:
             self._saving.pop()[1].__exit__(None, None, None)
         for entry in owned:
             entry.param.data = entry.host
+        self.runtime.forget_cached_casts()
 
     def _before_load(self, *args: Any) -> None:
         # A copy out of host storage may still be under way: let it finish before the

@@ -134,6 +134,18 @@ class DeviceRuntime:
         """Whether ``tensor`` lives in host memory."""
         return tensor.device.type == "cpu"
 
+    def forget_cached_casts(self) -> None:
+        """Drop the casts ``torch.autocast`` keeps for its whole region when its cache is on.
+
+        The cache keeps the lower-precision copy of every trainable leaf weight it cast, on
+        the device, until the outermost autocast region ends (even under ``no_grad``): for
+        offloaded weights that is a device copy of each, which would undo the offload. Called
+        after each offloaded layer's forward; weights that are not offloaded are cast again
+        when next used, as with ``cache_enabled=False`` (what Lightning uses).
+        """
+        if torch.is_autocast_cache_enabled() and torch.is_autocast_enabled(self.device.type):
+            torch.clear_autocast_cache()
+
     def timing_event(self) -> Any:
         """A new event that can measure elapsed time, or ``None`` where none exists."""
         if not self.is_accelerator:
