@@ -44,6 +44,7 @@ def test_zero_copy_views_read_host_memory():
         assert entry.host.is_pinned()
         assert entry.param.data_ptr() == entry.host.data_ptr()  # one address, host and device
         before = model(ids)
+        torch.cuda.synchronize()  # the forward's kernels read the host memory written next
         entry.host.mul_(2)  # writing the host tensor changes what the kernels read
         torch.cuda.synchronize()
         after = model(ids)

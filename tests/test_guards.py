@@ -92,3 +92,27 @@ def test_after_remove_the_model_moves_freely():
     m.half()
     assert all(p.dtype == torch.float16 for p in m.parameters())
     assert all("_apply" not in module.__dict__ for module in m.modules())
+
+
+DEVICE_MOVES = {
+    "to_meta": lambda m: m.to("meta"),
+    "to_empty_meta": lambda m: m.to_empty(device="meta"),
+    "submodule_to_meta": lambda m: m.layers[1].to(torch.device("meta")),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("move", DEVICE_MOVES.values(), ids=DEVICE_MOVES.keys())
+def test_a_device_move_of_offloaded_weights_is_refused_unchanged(config, move):
+    # A move to another device (here `meta`, the one a CPU-only machine has; on a GPU
+    # `.cpu()` or `.to("cuda:1")`: tests/test_cuda_streams.py) would leave the layers computing
+    # with whatever the moved tensors hold.
+    m = model()
+    ids = torch.randint(0, 64, (2, 8))
+    expected = m(ids)
+    with apply_offload(m, config):
+        devices = {n: p.device for n, p in m.named_parameters()}
+        with pytest.raises(OffloadError, match="is offloaded: moving or converting it"):
+            move(m)
+        assert {n: p.device for n, p in m.named_parameters()} == devices
+        assert torch.equal(m(ids), expected)
