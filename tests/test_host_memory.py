@@ -121,26 +121,20 @@ def test_every_tensor_starts_on_a_multiple_of_512_bytes(rotate):
     built = [(layouts[: k + 1], HostStorage(layouts[: k + 1])) for k in range(len(layouts))]
     for held, storage in built:
         sizes = layouts_bytes(held)
-        start = address(storage.tensors[0])
-        assert start % ALIGNMENT == 0
-        end = 0
+        # One buffer per dtype; within it, tensors in order, aligned, not overlapping.
+        ends: dict[int, tuple[int, int]] = {}  # buffer -> (its aligned start, end so far)
         for t, (shape, stride, dtype), size in zip(storage.tensors, held, sizes, strict=True):
             assert (tuple(t.shape), t.stride(), t.dtype) == (shape, stride, dtype)
+            buffer = t.untyped_storage().data_ptr()
+            start, end = ends.get(buffer, (address(t), 0))
+            assert start % ALIGNMENT == 0
             offset = address(t) - start
             assert offset % ALIGNMENT == 0
             assert offset >= end  # no overlap
-            end = offset + size
-        assert storage.nbytes == -(-end // ALIGNMENT) * ALIGNMENT  # the aligned range
-        assert storage.nbytes < sum(sizes) + ALIGNMENT * len(held)
-        # The aligned range lies inside the one allocation behind every tensor.
-        memory = storage.tensors[0].untyped_storage()
-        assert all(t.untyped_storage().data_ptr() == memory.data_ptr() for t in storage.tensors)
-        assert memory.data_ptr() <= start
-        assert start + storage.nbytes <= memory.data_ptr() + memory.nbytes()
-        assert memory.nbytes() == (storage.nbytes + ALIGNMENT if storage.nbytes else 0)
-        check_usable_cpu_storage(storage)
-    for _, storage in built:
-        storage.free()
+            ends[buffer] = (start, offset + size)
+        assert len(ends) == len({dtype for _, _, dtype in held})
+        # The aligned ranges, one per dtype.
+        assert storage.nbytes == sum(-(-end // ALIGNMENT) * ALIGNMENT for _, end in ends.values())
 
 
 def assert_each_saves_and_loads_back(tensors: list[torch.Tensor]) -> None:
@@ -342,7 +336,16 @@ def fake_cuda(monkeypatch) -> Iterator[RecordingRuntime]:
         cudart.set_runtime(previous)
 
 
-def pinned(layouts=ODD_LAYOUTS, device: str = "cuda:1") -> HostStorage:
+# One dtype: one buffer, one registration (several dtypes: one each, see below).
+ONE_DTYPE = [
+    ((3, 5), (5, 1), torch.float32),
+    ((7,), (1,), torch.float32),
+    ((2, 3), (1, 2), torch.float32),  # transposed strides
+    ((11,), (3,), torch.float32),  # strided: the span covers gaps
+]
+
+
+def pinned(layouts=ONE_DTYPE, device: str = "cuda:1") -> HostStorage:
     return HostStorage(layouts, pin_for=torch.device(device))
 
 
@@ -457,7 +460,7 @@ def test_views_keep_the_registration_until_the_last_one_goes(fake_cuda, no_gc):
     start = storage.tensors[0].data_ptr()
     fill_distinct(storage.tensors)
     views = storage.device_views(torch.device("cuda:1"))
-    kept = views[5]  # e.g. a state_dict() tensor taken while offloaded
+    kept = views[-1]  # e.g. a state_dict() tensor taken while offloaded
     memory = weakref.ref(storage.tensors[0].untyped_storage())
     expected = kept.clone()
     del views
@@ -782,3 +785,25 @@ def test_cuda_copy_bandwidth_times_the_copies_of_the_device_asked_for():
     assert torch.cuda.current_device() == 0
     # Events on device 0's idle stream would time nothing: terabytes per second.
     assert 0.1 < result.gb_per_s < 2000
+
+
+def test_each_dtype_gets_its_own_registered_buffer(fake_cuda):
+    storage = pinned(ODD_LAYOUTS)
+    dtypes = {dtype for shape, _, dtype in ODD_LAYOUTS if 0 not in shape}
+    registered = fake_cuda.of("register")
+    assert len(registered) == len(dtypes)
+    assert sum(size for _, _, size, _, _ in registered) == storage.nbytes == storage.pinned_bytes
+    storage.free()
+    assert len(fake_cuda.of("unregister")) == len(dtypes)
+
+
+def test_a_state_dict_of_several_dtypes_in_host_storage_can_be_saved(tmp_path):
+    # torch.save refuses tensors of different dtypes that view one storage.
+    layouts = [(shape, stride, dtype) for shape, stride, dtype in ODD_LAYOUTS]
+    storage = HostStorage(layouts)
+    for i, tensor in enumerate(storage.tensors):
+        tensor.copy_(torch.full(tensor.shape, i + 1).to(tensor.dtype))
+    state = {f"t{i}": t for i, t in enumerate(storage.tensors)}
+    torch.save(state, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

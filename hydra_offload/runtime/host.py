@@ -12,7 +12,10 @@ torch.device(...)``, ``torch.set_default_device``), and every tensor in it start
 multiple of :data:`ALIGNMENT` bytes. The registration is made under a device guard of the
 compute device, so no other device gets a CUDA context.
 
-Lifetime: the buffer and its registration belong to one owner object, held by the storage and
+Tensors of different dtypes get separate buffers (``torch.save`` refuses tensors of different
+dtypes that view one storage, and a state dict holds these tensors).
+
+Lifetime: each buffer and its registration belong to one owner object, held by the storage and
 by every zero-copy device view made from it. When the last of them goes (:meth:`HostStorage.free`
 drops the storage's hold), the devices that may read the memory are synchronized, the range
 is unregistered, and the memory is released. A device view kept after ``free()`` (a
@@ -78,30 +81,46 @@ class HostStorage:
     """
 
     def __init__(self, layouts: Sequence[Layout], *, pin_for: torch.device | None = None):
-        offsets, sizes, end = [], [], 0
-        for shape, stride, dtype in layouts:
-            offsets.append(_align(end))
-            sizes.append(storage_span(shape, stride) * dtype.itemsize)
-            end = offsets[-1] + sizes[-1]
-        self.nbytes = _align(end)
-        """Bytes of the buffer's aligned range (what is registered): the tensors' bytes plus
-        the padding that starts each on a multiple of ``ALIGNMENT`` and ends the range on
-        one. The allocation around it is ``ALIGNMENT`` bytes larger, to start the range on
-        an aligned address."""
+        self._layouts = list(layouts)
+        self.nbytes = 0
+        """Bytes of the buffers' aligned ranges (what is registered): the tensors' bytes plus
+        the padding that starts each on a multiple of ``ALIGNMENT`` and ends each range on
+        one. Each allocation is ``ALIGNMENT`` bytes larger than its range, to start it on an
+        aligned address."""
         self.pinned_bytes = 0
         """Bytes registered with the CUDA runtime (0 on the CPU path, and after :meth:`free`)."""
-        self._layouts = list(layouts)
-        self._offsets = offsets
-        block = _HostBlock(self.nbytes)
-        _zero_gaps(block, offsets, sizes)
-        if pin_for is not None and pin_for.type == "cuda" and self.nbytes:
-            block.register(pin_for)  # on failure, the buffer is released with this frame
-            self.pinned_bytes = self.nbytes
-        self._block: _HostBlock | None = block
-        self.tensors: list[torch.Tensor] = [
-            self._view(block.buffer, block.offset + offset, layout)
-            for offset, layout in zip(offsets, self._layouts, strict=True)
-        ]
+        # One buffer per dtype: torch.save refuses tensors of different dtypes that view one
+        # storage, and a state dict (a checkpoint) holds these tensors.
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index, (_, _, dtype) in enumerate(self._layouts):
+            by_dtype.setdefault(dtype, []).append(index)
+        self._blocks: list[_Part] = []
+        tensors: list[torch.Tensor | None] = [None] * len(self._layouts)
+        for indices in by_dtype.values():
+            offsets, sizes, end = [], [], 0
+            for index in indices:
+                shape, stride, dtype = self._layouts[index]
+                offsets.append(_align(end))
+                sizes.append(storage_span(shape, stride) * dtype.itemsize)
+                end = offsets[-1] + sizes[-1]
+            block = _HostBlock(_align(end))
+            _zero_gaps(block, offsets, sizes)
+            if pin_for is not None and pin_for.type == "cuda" and block.nbytes:
+                # On failure, the buffers (and the registrations made) go with this frame.
+                block.register(pin_for)
+                self.pinned_bytes += block.nbytes
+            self.nbytes += block.nbytes
+            self._blocks.append(_Part(block, indices, offsets))
+            for index, offset in zip(indices, offsets, strict=True):
+                tensors[index] = self._view(
+                    block.buffer, block.offset + offset, self._layouts[index]
+                )
+        self.tensors: list[torch.Tensor] = [t for t in tensors if t is not None]
+
+    @property
+    def _block(self) -> _HostBlock | None:
+        """The buffer of the first dtype (the only one when all tensors share a dtype)."""
+        return self._blocks[0].block if self._blocks else None
 
     @staticmethod
     def _view(buffer: torch.Tensor, offset: int, layout: Layout) -> torch.Tensor:
@@ -117,34 +136,44 @@ class HostStorage:
         Kernels reading them fetch the bytes over the interconnect; writing the host tensors
         changes what the kernels read. Built in pure PyTorch through
         ``__cuda_array_interface__``, at the device address ``cudaPointerGetAttributes``
-        reports for the range (with unified virtual addressing, the host address). The views
+        reports for each range (with unified virtual addressing, the host address). The views
         keep the memory registered and allocated for as long as they live, even after
         :meth:`free`.
 
         Raises:
             RuntimeError: the memory is not registered host memory mapped for ``device``.
         """
-        block = self._block
-        registration = block.registration if block is not None else None
-        if block is None or registration is None:
-            raise RuntimeError("zero-copy views need host memory registered for CUDA")
         if device.type != "cuda":
             raise RuntimeError(f"zero-copy views of host memory need a CUDA device, not {device}")
-        runtime = registration.runtime
-        index = device.index if device.index is not None else runtime.current_device()
-        with runtime.device_guard(index):
-            first = _mapped_address(runtime, block.ptr, index)
-            last = _mapped_address(runtime, block.ptr + block.nbytes - 1, index)
-        if last - first != block.nbytes - 1:
-            raise RuntimeError(
-                f"host memory at {block.ptr:#x} is not mapped as one range on cuda:{index}"
-            )
-        registration.readers.add(index)
-        mapped = _device_tensor(_MappedBytes(block, first), torch.device("cuda", index))
-        return [
-            self._view(mapped, offset, layout)
-            for offset, layout in zip(self._offsets, self._layouts, strict=True)
-        ]
+        registered = [p for p in self._blocks if p.block.nbytes]
+        if not registered or any(p.block.registration is None for p in registered):
+            raise RuntimeError("zero-copy views need host memory registered for CUDA")
+        views: list[torch.Tensor | None] = [None] * len(self._layouts)
+        for part in self._blocks:
+            block = part.block
+            if not block.nbytes:  # only empty tensors: nothing to map
+                for layout_index in part.indices:
+                    shape, stride, dtype = self._layouts[layout_index]
+                    views[layout_index] = torch.empty_strided(
+                        shape, stride, dtype=dtype, device=device
+                    )
+                continue
+            registration = block.registration
+            assert registration is not None
+            runtime = registration.runtime
+            index = device.index if device.index is not None else runtime.current_device()
+            with runtime.device_guard(index):
+                first = _mapped_address(runtime, block.ptr, index)
+                last = _mapped_address(runtime, block.ptr + block.nbytes - 1, index)
+            if last - first != block.nbytes - 1:
+                raise RuntimeError(
+                    f"host memory at {block.ptr:#x} is not mapped as one range on cuda:{index}"
+                )
+            registration.readers.add(index)
+            mapped = _device_tensor(_MappedBytes(block, first), torch.device("cuda", index))
+            for layout_index, offset in zip(part.indices, part.offsets, strict=True):
+                views[layout_index] = self._view(mapped, offset, self._layouts[layout_index])
+        return [v for v in views if v is not None]
 
     def free(self) -> None:
         """Give up this storage's hold on the memory; its tensors must no longer be used.
@@ -152,9 +181,22 @@ class HostStorage:
         Without device views left, the memory is unregistered (after synchronizing the
         devices that may read it) and released at once; otherwise when the last view goes.
         """
-        self._block = None
+        self._blocks = []
         self.pinned_bytes = 0
         self.tensors = []
+
+
+class _Part:
+    """One buffer of a :class:`HostStorage`: the tensors of one dtype."""
+
+    __slots__ = ("block", "indices", "offsets")
+
+    def __init__(self, block: _HostBlock, indices: list[int], offsets: list[int]) -> None:
+        self.block = block
+        self.indices = indices
+        """Positions of its tensors among the storage's layouts."""
+        self.offsets = offsets
+        """Each tensor's byte offset in the block's aligned range."""
 
 
 def _zero_gaps(block: _HostBlock, offsets: Sequence[int], sizes: Sequence[int]) -> None:
