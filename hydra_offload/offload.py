@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, ResolvedBackend
@@ -33,7 +34,7 @@ from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.device import runtime_for
-from hydra_offload.runtime.params import MoveGuard
+from hydra_offload.runtime.params import MoveGuard, PickleGuard
 
 __all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload"]
 
@@ -114,6 +115,14 @@ class OffloadHandle:
         ]
         staged = getattr(installed, "staged", None)
         self._guard = MoveGuard(model, staged.params) if staged is not None else None
+        # Pickling and deep copies give the plain model with its true weights.
+        self._pickling = PickleGuard(
+            model,
+            staged.params if staged is not None else [],
+            [*installed.hooks, *self._root_hooks],
+            runtime,
+            self._guard.patches if self._guard is not None else [],
+        )
 
     def _enter_forward(self, module: nn.Module, args: Any) -> None:
         # The slots are shared state: two threads in one forward at once could overwrite
@@ -185,6 +194,7 @@ class OffloadHandle:
             hook.remove()
         if self._guard is not None:
             self._guard.remove()
+        self._pickling.remove()
         self._installed.remove(torch.device(device) if device is not None else None)
         self._installed = None
         model = self._model_ref()
@@ -296,6 +306,7 @@ class _Nothing:
 
     pool_bytes = 0
     staged = None
+    hooks: tuple[RemovableHandle, ...] = ()
 
     def remove(self, device: torch.device | None = None) -> None:
         return None

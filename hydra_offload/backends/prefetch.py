@@ -12,8 +12,10 @@ called (layers skipped, called twice, out of order, after a forward that raised)
 weights on demand first, and ``stats.stalls`` counts it. Nothing depends on layers running
 in registration order.
 
-``state_dict()`` reports the true weights from host storage and ``load_state_dict()`` writes
-into host storage, so checkpoints never see a slot's contents.
+``state_dict()`` reports the true weights from host storage (under every name of a parameter
+tied inside a layer) and ``load_state_dict()`` writes into host storage, so checkpoints never
+see a slot's contents; nor do pickles and deep copies of the model (see
+:class:`~hydra_offload.runtime.params.PickleGuard`).
 
 Training. Autograd saves views of the slots, so a layer's backward must find its own weights
 there again. A forward recorded by autograd puts a gradient hook on each offloaded layer's
@@ -417,7 +419,7 @@ class PrefetchOffload:
             self.rings.append(ring)
             for position, index in enumerate(stack_plan.offloaded_layers):
                 module = stack[index]
-                self._hook_layer(module, ring, position, by_layer[(stack_plan.path, index)])
+                self._hook_layer(module, ring, position)
             ring.preload()
         # The preload belongs to setup, not to any forward: count from here.
         self.counters.loads = self.counters.h2d_bytes = 0
@@ -524,9 +526,16 @@ class PrefetchOffload:
 
     # -- layers and checkpoints -------------------------------------------------------------
 
-    def _hook_layer(self, module: nn.Module, ring: _Ring, position: int, planned: list) -> None:
+    def _hook_layer(self, module: nn.Module, ring: _Ring, position: int) -> None:
         layer = ring.layers[position]
-        hosts = {p.local_name: host for p, (_, host) in zip(planned, layer.copies, strict=True)}
+        host_of = {id(entry.param): entry.host for entry in layer.params}
+        # Every name the layer has for an offloaded parameter: one tied inside the layer has
+        # several, and each of its state_dict entries must be the true weights.
+        hosts = {
+            local: host_of[id(param)]
+            for local, param in module.named_parameters(remove_duplicate=False)
+            if id(param) in host_of
+        }
         self._hooks += [
             module.register_forward_pre_hook(partial(ring.before, position), with_kwargs=True),
             module.register_forward_hook(partial(ring.after, position), always_call=True),
@@ -545,6 +554,12 @@ class PrefetchOffload:
         # every layer sharing them reload from the host, after that copy (invalidate records
         # the event the next copy into the slots waits for).
         ring.invalidate(layer)
+
+    @property
+    def hooks(self) -> list[RemovableHandle]:
+        """The handles of every hook this offload registered (on modules, parameters and
+        optimizers)."""
+        return list(self._hooks)
 
     @property
     def wait_ms(self) -> float | None:

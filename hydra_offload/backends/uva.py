@@ -19,6 +19,8 @@ memory. Copy mode: gradients go to host memory as autograd produces them
 weights, its state in host memory too, wherever a loaded checkpoint put it.
 
 Tied parameters are offloaded once; every module that shares them sees the same parameter.
+Pickles and deep copies of the model hold the weights from host storage, in CPU memory
+(see :class:`~hydra_offload.runtime.params.PickleGuard`).
 """
 
 from __future__ import annotations
@@ -198,6 +200,12 @@ class UVAOffload:
             self.runtime.current_stream().synchronize()
             runtime = self.runtime
             optimizer_state_to(optimizer, stepping, runtime.to_host, runtime.in_host_memory)
+
+    @property
+    def hooks(self) -> list[RemovableHandle]:
+        """The handles of every hook this offload registered (on modules, parameters and
+        optimizers)."""
+        return list(self._hooks)
 
     @property
     def host_bytes(self) -> int:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -25,12 +26,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from hydra_offload.errors import OffloadError
 from hydra_offload.runtime.device import DeviceRuntime
 from hydra_offload.runtime.host import HostStorage
 
-__all__ = ["MoveGuard", "OffloadedParam", "Staged", "restore", "stage_to_host"]
+__all__ = [
+    "MoveGuard",
+    "OffloadedParam",
+    "PickleGuard",
+    "Staged",
+    "restore",
+    "stage_to_host",
+]
 
 
 @dataclass
@@ -104,13 +113,14 @@ class MoveGuard:
 
     def __init__(self, model: nn.Module, params: Sequence[OffloadedParam]) -> None:
         offloaded = {id(e.param): e for e in params}
-        self._patched: list[nn.Module] = []
+        self.patches: list[tuple[nn.Module, Any]] = []
+        """``(module, patch)``: the ``_apply`` each patched module has as its own attribute."""
         for module in model.modules():
             below = [offloaded[id(p)] for p in module.parameters() if id(p) in offloaded]
             if below:
-                original = module._apply
-                module._apply = partial(self._apply, below, original)  # type: ignore[method-assign]
-                self._patched.append(module)
+                patch = partial(self._apply, below, module._apply)
+                module._apply = patch  # type: ignore[method-assign]
+                self.patches.append((module, patch))
 
     @staticmethod
     def _apply(below: list[OffloadedParam], original: Any, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -125,6 +135,206 @@ class MoveGuard:
         return original(fn, *args, **kw)
 
     def remove(self) -> None:
-        for module in self._patched:
-            module.__dict__.pop("_apply", None)
-        self._patched = []
+        for module, patch in self.patches:
+            if module.__dict__.get("_apply") is patch:
+                del module.__dict__["_apply"]
+        self.patches = []
+
+
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+
+
+class PickleGuard:
+    """Makes pickling and copying an offloaded model give the plain model, with its true
+    weights, while the offload is active.
+
+    Left alone, pickling an offloaded module fails on the offload's hooks (they reach the
+    handle, streams and weak references), and a prefetch parameter would carry whatever its
+    pool slot holds, possibly another layer's weights. Python's ``pickle`` and ``copy``
+    look ``__reduce_ex__`` and ``__deepcopy__`` up on the object itself before its class, so
+    the guard gives, for as long as the offload is applied:
+
+    - every offloaded parameter its own ``__reduce_ex__`` and ``__deepcopy__``. Both start
+      from a copy of the parameter's true weights, taken from host storage after the device
+      is synchronized (shape, strides and dtype as they are), in ordinary CPU memory: pickling
+      never needs device memory, and the copy can be offloaded again as it is. Then they do
+      what PyTorch does for any parameter: pickling gives a plain ``nn.Parameter`` with the
+      same ``requires_grad`` and the parameter's own attributes, without hooks; a deep copy
+      gives one of the same class. As with any parameter, ``.grad`` is not carried. A tied
+      parameter is one object, so it is reduced once and stays tied in the copy.
+    - every module that carries something of the offload's its own ``__reduce_ex__``: the
+      module reduces as its class makes it reduce, with the offload's hooks (and their
+      entries in the ``with_kwargs`` / ``always_called`` tables), the :class:`MoveGuard`
+      patch and this override left out of its state; on the root module, the names of
+      offloaded parameters that joined ``_ddp_params_and_buffers_to_ignore`` after the offload
+      was applied (the Lightning callback's) are left out too.
+
+    The live model is not changed by pickling. Every entry point goes through these:
+    ``pickle``, ``torch.save`` (and so a Lightning checkpoint whose ``hyper_parameters`` hold
+    a module), ``copy.deepcopy``; and ``copy.copy``, whose copy of a module is then plain as
+    well (it shares the live model's parameters and submodules, so compute with the model,
+    not with a shallow copy). Offloaded parameters in the result live in CPU memory and
+    everything else where it was: move the copy (``.to(device)``) before running it on an
+    accelerator. When the offload is removed the overrides go, and the model pickles as any
+    model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[OffloadedParam],
+        hooks: Sequence[RemovableHandle],
+        runtime: DeviceRuntime,
+        patches: Sequence[tuple[nn.Module, Any]] = (),
+    ) -> None:
+        self._installed: list[tuple[Any, str, Any]] = []
+        for entry in params:
+            weights = _TrueWeights(entry.param, entry.host, runtime)
+            self._set(entry.param, "__reduce_ex__", weights.reduce_ex)
+            self._set(entry.param, "__deepcopy__", weights.deepcopy)
+        # Which module owns each hook table our hooks are in.
+        owner = {
+            id(value): module
+            for module in model.modules()
+            for value in vars(module).values()
+            if isinstance(value, dict)
+        }
+        hooks_of: dict[int, list[RemovableHandle]] = {}
+        for handle in hooks:
+            for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
+                table = ref()
+                module = owner.get(id(table)) if table is not None else None
+                if module is not None:
+                    found = hooks_of.setdefault(id(module), [])
+                    if handle not in found:
+                        found.append(handle)
+        patches_of: dict[int, list[Any]] = {}
+        for module, patch in patches:
+            patches_of.setdefault(id(module), []).append(patch)
+        offloaded = frozenset(entry.name for entry in params)
+        before = getattr(model, _DDP_IGNORE, None)
+        for module in model.modules():
+            root = module is model
+            if not (root or id(module) in hooks_of or id(module) in patches_of):
+                continue
+            reducer = _PlainModule(
+                module,
+                hooks_of.get(id(module), []),
+                patches_of.get(id(module), []),
+                (offloaded, None if before is None else frozenset(before)) if root else None,
+            )
+            self._set(module, "__reduce_ex__", reducer)
+
+    def _set(self, target: Any, name: str, value: Any) -> None:
+        target.__dict__[name] = value
+        self._installed.append((target, name, value))
+
+    def remove(self) -> None:
+        """Take the overrides off: the model pickles as it does without an offload."""
+        for target, name, value in self._installed:
+            if target.__dict__.get(name) is value:
+                del target.__dict__[name]
+        self._installed = []
+
+
+class _TrueWeights:
+    """``__reduce_ex__`` and ``__deepcopy__`` of one offloaded parameter (see
+    :class:`PickleGuard`)."""
+
+    __slots__ = ("host", "param", "runtime")
+
+    def __init__(self, param: nn.Parameter, host: torch.Tensor, runtime: DeviceRuntime) -> None:
+        self.param = weakref.ref(param)  # the parameter holds this object: no cycle
+        self.host = host
+        self.runtime = runtime
+
+    def _param(self) -> nn.Parameter:
+        param = self.param()
+        if param is None:  # only reachable through the parameter itself
+            raise ReferenceError("the offloaded parameter no longer exists")
+        return param
+
+    def _copy(self) -> torch.Tensor:
+        """The true weights, copied into ordinary CPU memory, strides kept."""
+        host = self.host
+        # Device work may still write host storage (an optimizer step through zero-copy
+        # views); copies out of it may still read it, which is fine.
+        self.runtime.synchronize()
+        copy = self.runtime.to_host(host)
+        if copy.stride() != host.stride():  # a layout clone() does not keep (gaps, overlap)
+            exact = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype)
+            with torch.no_grad():
+                exact.copy_(copy)
+            copy = exact
+        return copy
+
+    def reduce_ex(self, proto: int) -> Any:
+        param = self._param()
+        plain = nn.Parameter(self._copy(), requires_grad=param.requires_grad)
+        plain.__dict__.update(
+            (key, value) for key, value in vars(param).items() if key not in _OVERRIDES
+        )
+        return plain.__reduce_ex__(proto)  # exactly as PyTorch reduces a parameter
+
+    def deepcopy(self, memo: dict[int, Any]) -> nn.Parameter:
+        param = self._param()
+        return type(param)(self._copy(), param.requires_grad)  # as Parameter.__deepcopy__
+
+
+_OVERRIDES = frozenset({"__reduce_ex__", "__deepcopy__"})
+
+
+class _PlainModule:
+    """``__reduce_ex__`` of a module that carries something of an offload's (see
+    :class:`PickleGuard`): its class's reduction, with that left out of the state."""
+
+    __slots__ = ("ddp", "hooks", "module", "patches")
+
+    def __init__(
+        self,
+        module: nn.Module,
+        hooks: list[RemovableHandle],
+        patches: list[Any],
+        ddp: tuple[frozenset[str], frozenset[str] | None] | None,
+    ) -> None:
+        self.module = weakref.ref(module)  # the module holds this object: no cycle
+        self.hooks = hooks
+        self.patches = patches
+        self.ddp = ddp
+        """Root module only: (offloaded parameter names, DDP-ignored names before the
+        offload, ``None`` when the attribute did not exist)."""
+
+    def __call__(self, proto: int) -> Any:
+        module = self.module()
+        if module is None:
+            raise ReferenceError("the offloaded module no longer exists")
+        reduced = type(module).__reduce_ex__(module, proto)
+        if isinstance(reduced, tuple) and len(reduced) > 2 and isinstance(reduced[2], dict):
+            reduced = (*reduced[:2], self._plain(reduced[2]), *reduced[3:])
+        return reduced
+
+    def _plain(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a module's state without the offload's things (the module is unchanged:
+        what is filtered is copied first)."""
+        ours = [self, *self.patches]
+        state = {k: v for k, v in state.items() if not any(v is o for o in ours)}
+        tables = {id(value): key for key, value in state.items() if isinstance(value, dict)}
+        for handle in self.hooks:
+            for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
+                table = ref()
+                key = tables.get(id(table)) if table is not None else None
+                if key is None or handle.id not in state[key]:
+                    continue
+                if state[key] is table:  # the module's own table: filter a copy
+                    state[key] = type(table)(table)
+                del state[key][handle.id]
+        if self.ddp is not None and isinstance(state.get(_DDP_IGNORE), (list, tuple, set)):
+            offloaded, before = self.ddp
+            names = state[_DDP_IGNORE]
+            kept = [n for n in names if n not in offloaded or (before and n in before)]
+            if len(kept) != len(names):
+                if kept or before is not None:
+                    state[_DDP_IGNORE] = type(names)(kept)
+                else:
+                    del state[_DDP_IGNORE]
+        return state
