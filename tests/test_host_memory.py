@@ -387,12 +387,12 @@ def test_a_failed_registration_clears_the_last_error_and_names_the_failure(fake_
 def test_registering_an_already_registered_range_fails_cleanly(fake_cuda):
     storage = pinned()
     start = storage.tensors[0].data_ptr()
-    block = storage._block
-    assert block is not None
+    (part,) = storage._blocks  # one dtype: one buffer
+    block = part.block
     with pytest.raises(RuntimeError, match="fake error 712"):
         block.register(torch.device("cuda:1"))
     assert fake_cuda.last_error == 0
-    del block
+    del block, part
     storage.free()
     assert fake_cuda.of("unregister") == [("unregister", start, 1)]
 

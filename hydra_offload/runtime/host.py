@@ -117,11 +117,6 @@ class HostStorage:
                 )
         self.tensors: list[torch.Tensor] = [t for t in tensors if t is not None]
 
-    @property
-    def _block(self) -> _HostBlock | None:
-        """The buffer of the first dtype (the only one when all tensors share a dtype)."""
-        return self._blocks[0].block if self._blocks else None
-
     @staticmethod
     def _view(buffer: torch.Tensor, offset: int, layout: Layout) -> torch.Tensor:
         # The aligned start is a multiple of ALIGNMENT and the allocation starts on the CPU

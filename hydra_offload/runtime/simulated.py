@@ -190,6 +190,7 @@ def _run_queue(work: queue.SimpleQueue[Any]) -> None:
                 time.sleep(delay)
             with torch.no_grad():
                 dst.copy_(src)
+            item = dst = src = None  # the copy is done: hold nothing until the next one
         elif kind == "record":
             _, event, happened = item
             if event.happened is happened:  # not recorded again since
@@ -312,6 +313,9 @@ class SimulatedDevice:
         stream (host accesses are ordered by program order and not kept)."""
         self._born: dict[int, int] = {}
         """Per device storage: the compute operation that allocated (or computed) it."""
+        self._followed: dict[int, int] = {}
+        """Storages with records, each with a generation (see :meth:`_follow`)."""
+        self._generation = 0
         self._mode: _Checker | None = None
         self._token: Any = None
         self.checked_ops = 0
@@ -394,7 +398,7 @@ class SimulatedDevice:
         """Mark the storage of each tensor as host memory (``pinned``: page-locked)."""
         with self._lock:
             for tensor in tensors:
-                key = _key(tensor)
+                key = self._follow(tensor)
                 self._kind[key] = HOST
                 self._accesses.setdefault(key, [])
                 if pinned:
@@ -442,6 +446,7 @@ class SimulatedDevice:
                 if key not in self._accesses:
                     # First touched by a side stream: the compute stream wrote it when it
                     # was allocated (or computed).
+                    self._follow(tensor)
                     nbytes = tensor.untyped_storage().nbytes()
                     self._accesses[key] = [[0, nbytes, COMPUTE, 0, self._born.get(key, 0)]]
             for tensor, write in operands:
@@ -521,6 +526,28 @@ class SimulatedDevice:
                 for tensor, write in followed:
                     self._record(_key(tensor), tensor, write, COMPUTE, seq)
 
+    def _follow(self, tensor: torch.Tensor) -> int:
+        """Start keeping records for ``tensor``'s storage, and forget them when it goes:
+        storage made where the dispatcher does not see it (``torch.load``) may later sit at
+        the same address and must not inherit them."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self._followed:
+            self._generation += 1
+            self._followed[key] = self._generation
+            weakref.finalize(storage, self._forget, key, self._generation)
+        return key
+
+    def _forget(self, key: int, generation: int) -> None:
+        with self._lock:
+            if self._followed.get(key) != generation:
+                return  # already another storage's records
+            del self._followed[key]
+            self._kind.pop(key, None)
+            self._pinned.discard(key)
+            self._accesses.pop(key, None)
+            self._born.pop(key, None)
+
     def _fresh(self, tensor: torch.Tensor, kind: str) -> None:
         """A new allocation: forget what was recorded for a storage at the same address."""
         key = _key(tensor)
@@ -528,6 +555,7 @@ class SimulatedDevice:
             self._accesses.pop(key, None)
             self._pinned.discard(key)
             if kind == HOST:
+                self._follow(tensor)
                 self._kind[key] = HOST
                 self._accesses[key] = []  # host memory is always followed
             else:
