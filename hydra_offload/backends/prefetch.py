@@ -442,10 +442,13 @@ class PrefetchOffload:
     # -- training ---------------------------------------------------------------------------
 
     def forward_started(self) -> None:
-        """Called by the handle as the model's forward starts."""
+        """Called by the handle as the model's forward starts: held-back copies are issued,
+        and slots emptied since the last forward (a ``load_state_dict``, an optimizer step)
+        are filled with the first layers before they are needed."""
         for ring in self.rings:
             if ring.deferred:
                 ring.forward_started()
+            ring.preload()
 
     def backward_started(self) -> None:
         """Arrange for :meth:`_backward_finished` to run when this backward pass ends."""
@@ -490,7 +493,9 @@ class PrefetchOffload:
         backward) are pointed at host storage, so the step updates their true weights; and
         the state of every offloaded parameter it steps is moved to host memory, where the
         step runs, if something (``load_state_dict``, Lightning's checkpoint restore) put it
-        on the device."""
+        on the device. That includes trainable parameters still on their slots: with a
+        closure (as Lightning steps), this hook runs before the closure's backward, which
+        then points them at host storage for the step."""
         assert self.grads is not None
         stepping = []
         for group in optimizer.param_groups:
@@ -503,7 +508,7 @@ class PrefetchOffload:
                     host_grad = self.grads.adopt(param)
                     self._to_host(entry)
                     param.grad = host_grad
-                if entry.on_host:
+                if entry.on_host or param in self.grads:
                     stepping.append(param)
         if stepping:
             # The step writes host weights that a copy may still be reading (a preload).
