@@ -86,13 +86,12 @@ def render_plan(plan: OffloadPlan) -> RenderableType:
     parts: list[RenderableType] = [table]
     if plan.candidates:
         candidates = Table(title="Layer stack auto-detection", title_justify="left")
-        for column in ("module list", "children", "layer class", "parameter bytes", "decision"):
+        for column in ("module list", "layer class", "parameter bytes", "decision"):
             candidates.add_column(column)
         for c in plan.candidates:
             candidates.add_row(
                 c.display_path,
-                str(c.num_children),
-                c.layer_class,
+                c.class_share,
                 f"{c.param_bytes:,}",
                 ("chosen: " if c.chosen else "rejected: ") + c.reason,
             )

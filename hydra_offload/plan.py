@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import io
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +32,20 @@ from torch import nn
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, ResolvedBackend
 from hydra_offload.selection import matches_any, unmatched_patterns
-from hydra_offload.stacks import LayerStack, StackCandidate, find_layer_stacks
+from hydra_offload.stacks import (
+    LayerStack,
+    StackCandidate,
+    StackChoice,
+    child_classes,
+    class_name,
+    find_layer_stacks,
+)
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
 __all__ = [
+    "MIN_SAVED_FRACTION",
     "OffloadPlan",
     "OffloadPlanWarning",
     "PlannedParam",
@@ -48,9 +56,15 @@ __all__ = [
 
 GIB = 1024**3
 
+MIN_SAVED_FRACTION = 0.05
+"""A prefetch plan that saves less than this share of the model's parameter bytes on the
+device warns (:class:`OffloadPlanWarning`) and says so in its notes."""
+
 
 class OffloadPlanWarning(UserWarning):
-    """The plan is valid but probably not what was meant (e.g. a pattern matched nothing)."""
+    """The plan is valid but probably not what was meant: a pattern matched nothing, the
+    auto-detected layer stack mixes layers of different classes, or the plan saves less than
+    :data:`MIN_SAVED_FRACTION` of the model's parameter bytes on the device."""
 
 
 @dataclass(frozen=True)
@@ -189,12 +203,17 @@ def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
             accepts (a ``DictConfig`` or a ``dict``).
 
     Returns:
-        The plan. Patterns in ``cpu_offload_params`` / ``offload_params`` that match no
-        parameter emit an :class:`OffloadPlanWarning` and are listed in ``plan.notes``.
+        The plan. An :class:`OffloadPlanWarning`, also listed in ``plan.notes``, for each of:
+        a pattern in ``cpu_offload_params`` / ``offload_params`` that matches no parameter;
+        under prefetch, an auto-detected layer stack whose children are of different
+        classes, and a plan that saves less than :data:`MIN_SAVED_FRACTION` of the model's
+        parameter bytes on the device.
 
     Raises:
-        hydra_offload.stacks.LayerStackError: prefetch with a ``layers`` path that does not
-            name a module list, or no layer stack found by auto-detection.
+        hydra_offload.stacks.LayerStackError: prefetch with a ``layers`` entry that selects
+            nothing to offload (no such path, not a module list, an empty one, or one whose
+            layers hold no parameter of their own), or no layer stack found by
+            auto-detection. Paths are read through ``torch.compile`` wrappers.
         hydra_offload.OffloadConfigError: ``config`` is not a valid configuration.
 
     Example:
@@ -309,7 +328,12 @@ def _plan_prefetch(
         settings.offload_prefetch_step,
     )
     choice = find_layer_stacks(model, config.layer_paths)
-    notes: list[str] = []
+    notes = [
+        f"offload.layers: {stack.entry!r} resolves to {stack.path!r}, the path its "
+        "parameters are named under"
+        for stack in choice.stacks
+        if stack.entry is not None and stack.entry != stack.path
+    ]
     shared_noted: set[nn.Parameter] = set()
     planned: list[PlannedParam] = []
     stack_plans: list[StackPlan] = []
@@ -368,12 +392,16 @@ def _plan_prefetch(
             f"offload_prefetch_step={per_group} or more is recommended"
         )
     offloaded = sum(p.nbytes for p in planned)
-    if offloaded and offloaded == sum(s.total_bytes for s in pool):
+    pool_bytes = sum(s.total_bytes for s in pool)
+    if offloaded and offloaded == pool_bytes:
         notes.append(
             "the device buffer pool holds every offloaded layer at once, so no device memory "
             "is saved: lower offload_prefetch_step or offload_group_size, or offload more "
             "layers"
         )
+    notes += _warn_mixed_stack(choice, stack_plans)
+    if offloaded:
+        notes += _warn_low_saving(offloaded, pool_bytes, common["total_param_bytes"])
     order = {names[0]: i for i, names in enumerate(aliases.values())}
     planned.sort(key=lambda p: order[p.name])
     return OffloadPlan(
@@ -381,6 +409,70 @@ def _plan_prefetch(
         stacks=tuple(stack_plans), pool=tuple(pool), candidates=choice.candidates,
         budget_bytes=None, notes=tuple(notes), **common,
     )  # fmt: skip
+
+
+def _counts(classes: Counter[str]) -> str:
+    return ", ".join(f"{count} {name}" for name, count in classes.most_common())
+
+
+def _warn_mixed_stack(choice: StackChoice, stack_plans: list[StackPlan]) -> tuple[str, ...]:
+    """Warn when auto-detection chose a module list whose children are of several classes:
+    layers are picked by position, so what is offloaded is whatever sits there."""
+    chosen = next((c for c in choice.candidates if c.chosen), None)
+    if chosen is None or not chosen.mixed:
+        return ()
+    stack, stack_plan = choice.stacks[0], stack_plans[0]
+    others = child_classes(stack.module)
+    del others[chosen.layer_class]
+    layers = list(stack.module)
+    offloaded = Counter(class_name(layers[i]) for i in stack_plan.offloaded_layers)
+    picked = (
+        f"this offloads {_counts(offloaded)} (layers "
+        f"{', '.join(str(i) for i in stack_plan.offloaded_layers)})"
+        if offloaded
+        else "this offloads none of them"
+    )
+    keep = f", or to {stack.path!r} to keep this stack without this warning" if stack.path else ""
+    note = (
+        f"offload.layers: the auto-detected layer stack {chosen.display_path!r} is mixed: "
+        f"{chosen.same_class} of its {chosen.num_children} children are {chosen.layer_class}, "
+        f"the others {_counts(others)}; layers are offloaded by position, so {picked}. Set "
+        f"offload.layers to the path of the model's repeated blocks{keep}"
+    )
+    warn_at_caller(note, OffloadPlanWarning)
+    return (note,)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%"
+
+
+def _warn_low_saving(offloaded: int, pool_bytes: int, total: int) -> tuple[str, ...]:
+    """Warn when the plan saves less than :data:`MIN_SAVED_FRACTION` of ``total``."""
+    saved = offloaded - pool_bytes
+    if not total or saved >= MIN_SAVED_FRACTION * total:
+        return ()
+    if offloaded < MIN_SAVED_FRACTION * total:
+        why = (
+            f"the offloaded layers hold only {offloaded:,} B ({_percent(offloaded, total)}): "
+            "check that offload.layers names the model's repeated blocks, or offload more "
+            "layers (offload_group_size, offload_num_in_group)"
+        )
+    else:
+        why = (
+            f"the device buffer pool ({pool_bytes:,} B: offload_prefetch_step slots for each "
+            "distinct name, shape and dtype in the offloaded layers) takes back "
+            f"{_percent(pool_bytes, offloaded)} of the {offloaded:,} B offloaded: lower "
+            "offload_prefetch_step, offload more layers, or check that offload.layers names the "
+            "model's repeated blocks"
+        )
+    note = (
+        f"the plan saves {saved:,} B of device memory, {_percent(saved, total)} of the model's "
+        f"{total:,} parameter bytes, below the {MIN_SAVED_FRACTION:.0%} under which "
+        f"hydra-offload warns (hydra_offload.plan.MIN_SAVED_FRACTION); {why}"
+    )
+    warn_at_caller(note, OffloadPlanWarning)
+    return (note,)
 
 
 def _inside(name: str, prefix: str) -> bool:
