@@ -10,7 +10,7 @@ __all__ = ["warn_at_caller"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Libraries whose frames sit between the user's call and the check that warns.
-_PASS_THROUGH = ("pydantic", "omegaconf", "hydra")
+_PASS_THROUGH = ("pydantic", "omegaconf", "hydra", "lightning", "pytorch_lightning", "torch")
 
 
 def _skipped_dirs() -> tuple[str, ...]:
@@ -24,7 +24,8 @@ def _skipped_dirs() -> tuple[str, ...]:
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:
     """Issue ``message`` attributed to the first frame outside hydra-offload and the
-    libraries it validates with (pydantic, OmegaConf, Hydra)."""
+    libraries between it and the user's code (pydantic, OmegaConf, Hydra, Lightning, torch:
+    e.g. a Trainer's hooks or a module's forward calling into the offload)."""
     skipped = _skipped_dirs()
     frame = sys._getframe(1)  # the caller, which is stacklevel 2 for warnings.warn here
     level = 2

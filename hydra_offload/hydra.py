@@ -1,12 +1,22 @@
 """Hydra integration: the structured-config schema of the ``offload`` group and the bridge
 from a composed Hydra node to a validated :class:`~hydra_offload.config.OffloadConfig`.
 
-The schema is registered in Hydra's ``ConfigStore`` as ``offload/schema`` by the package's
-search-path plugin, which Hydra imports before composing any app's config. The group files
-shipped in ``hydra_offload/conf/offload/`` extend it (``defaults: [schema, _self_]``), so a
-command-line override with the wrong type or an unknown key fails at compose time, naming the
-key. Rules that involve several fields (``offload_num_in_group <= offload_group_size``) are
-checked by :func:`to_offload_config`, whose errors name the full dotted key.
+The package's search-path plugin, which Hydra imports before composing any app's config,
+registers two hidden configs in Hydra's ``ConfigStore`` (at its root, so neither is an option
+of the group nor a group of its own):
+
+- ``hydra_offload_schema``: the schema. The group files shipped in
+  ``hydra_offload/conf/offload/`` extend it (``defaults: [/hydra_offload_schema, ...]``), so a
+  command-line override with the wrong type fails at compose time, naming the key. An unknown
+  key passes composition (Hydra's own refusal would suggest forcing it in with ``+``) and is
+  refused when the job starts, with the keys allowed there.
+- ``hydra_offload_callback``: adds :class:`~hydra_offload.hydra_callback.OffloadJobCallback`
+  to the app's ``hydra.callbacks``. The group files extend it too, so every job that selects
+  the group is validated before its task function runs, and is warned at its end when a
+  backend was selected but nothing applied it.
+
+Rules that involve several fields (``offload_num_in_group <= offload_group_size``) are checked
+by :func:`to_offload_config`, whose errors name the full dotted key.
 
 This module imports neither torch nor the runtime, so the plugin stays cheap for Hydra apps
 that never offload anything.
@@ -34,6 +44,8 @@ from hydra_offload.config import OffloadConfig
 __all__ = [
     "OffloadBackendName",
     "OffloadConfigError",
+    "CALLBACK_KEY",
+    "CALLBACK_NAME",
     "OffloadSchema",
     "PrefetchOffloadSchema",
     "SCHEMA_NAME",
@@ -42,8 +54,15 @@ __all__ = [
     "to_offload_config",
 ]
 
-SCHEMA_NAME = "schema"
-"""Name of the schema node in the ``offload`` group of Hydra's ConfigStore."""
+SCHEMA_NAME = "hydra_offload_schema"
+"""Name of the schema in Hydra's ConfigStore (at its root: not an option of ``offload``)."""
+
+CALLBACK_NAME = "hydra_offload_callback"
+"""Name of the ConfigStore entry (package ``_global_``) that adds the job callback to
+``hydra.callbacks``; every option of the ``offload`` group extends it."""
+
+CALLBACK_KEY = "hydra_offload"
+"""The key of the job callback under ``hydra.callbacks``."""
 
 PROVIDER = "hydra-offload"
 
@@ -90,22 +109,49 @@ class OffloadSchema:
 
 
 def register_configs() -> None:
-    """Store the schema as ``offload/schema`` in Hydra's ConfigStore (idempotent).
+    """Store the schema and the job-callback config in Hydra's ConfigStore (idempotent).
 
     Hydra's plugin discovery calls this before composition; call it yourself only when you
     compose configs with Hydra's plugins disabled.
 
+    Both are stored at the root of the ConfigStore, so ``offload``'s options stay the group
+    files (``none``, ``uva``, ``prefetch``). The schema's nodes accept keys they do not declare,
+    so that an unknown key reaches validation, which names the allowed keys.
+
     Example:
         >>> from hydra.core.config_store import ConfigStore
         >>> register_configs()
-        >>> "schema.yaml" in ConfigStore.instance().list("offload")
+        >>> "hydra_offload_schema.yaml" in ConfigStore.instance().list("")
         True
     """
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(
-        group="offload", name=SCHEMA_NAME, node=OffloadSchema, provider=PROVIDER
+    store = ConfigStore.instance()
+    schema = OmegaConf.structured(OffloadSchema)
+    _accept_unknown_keys(schema)
+    store.store(name=SCHEMA_NAME, node=schema, provider=PROVIDER)
+    target = "hydra_offload.hydra_callback.OffloadJobCallback"
+    store.store(
+        name=CALLBACK_NAME,
+        node={"hydra": {"callbacks": {CALLBACK_KEY: {"_target_": target}}}},
+        package="_global_",
+        provider=PROVIDER,
     )
+
+
+def _accept_unknown_keys(node: DictConfig) -> None:
+    """Let ``node`` and the mappings inside it take keys the schema does not declare.
+
+    Hydra refuses an unknown key of a closed node with "To append to your config use +key",
+    and a key added that way is refused later anyway. Left open, the key reaches
+    :func:`to_offload_config`, whose one line names the key, a close match and the allowed
+    keys. The types of the declared keys are still checked while composing.
+    """
+    OmegaConf.set_struct(node, False)
+    for key in node:
+        child = node[key]
+        if isinstance(child, DictConfig):
+            _accept_unknown_keys(child)
 
 
 class OffloadConfigError(ValueError):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from hydra_offload._applied import note_applied
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, ResolvedBackend
 from hydra_offload.errors import OffloadError
@@ -282,6 +283,7 @@ def apply_offload(
     handle = OffloadHandle(model, plan, runtime, installed, counters, saved)
     for module in model.modules():
         _ACTIVE[module] = handle
+    note_applied()
     return handle
 
 

@@ -11,6 +11,7 @@ MODULES = [
     "hydra_offload",
     "hydra_offload.config",
     "hydra_offload.hydra",
+    "hydra_offload._applied",
     "hydra_offload.lightning",
     "hydra_offload.measure",
     "hydra_offload.models.lightning",

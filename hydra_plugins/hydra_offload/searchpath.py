@@ -1,8 +1,10 @@
 """Makes the ``offload`` config group visible to every Hydra app once hydra-offload is installed.
 
 Hydra imports every module under the ``hydra_plugins`` namespace package before it composes
-a config; importing this one registers the group's schema in the ConfigStore, and the plugin
-class appends the package's YAML files to the config search path.
+a config; importing this one registers the group's hidden configs in the ConfigStore (the
+schema, and the entry that adds the job callback to ``hydra.callbacks``; see
+:mod:`hydra_offload.hydra`), and the plugin class appends the package's YAML files to the
+config search path.
 """
 
 from hydra.core.config_search_path import ConfigSearchPath
