@@ -6,24 +6,25 @@
     python run.py model=llama_7b_meta offload=prefetch     # plan only: the model is on meta
     python run.py +dry_run=true offload=prefetch           # plan only, any model
     python run.py -m offload=none,uva,prefetch offload.prefetch.offload_group_size=2,4
+    python run.py -m hydra/sweeper=optuna objective=step_time offload=prefetch \
+        'offload.prefetch.offload_group_size=range(2,5)'   # an Optuna study
 
 See :mod:`hydra_offload.job` for what the job does and prints. A bad setting ends it with
 one line naming the key, the value and what is allowed, and exit status 2. A multirun ends
-with ``sweep_summary.md``, ``.csv`` and ``.png`` in the sweep directory.
+with ``sweep_summary.md``, ``.csv`` and ``.png`` in the sweep directory. With ``objective``
+set the job returns the figure it names, for the sweeper to minimize.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import hydra
 from omegaconf import DictConfig
 
-from hydra_offload.job import run_job
+from hydra_offload.job import JobResult, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def main(cfg: DictConfig) -> JobResult:
     return run_job(cfg)
 
 

@@ -6,22 +6,34 @@ runs ``predict`` (or ``fit`` with ``mode=fit``) with Lightning's progress bar, a
 a summary: the resolved config and its hash, the plan, peak device memory, time per step and
 host-to-device throughput. It also writes the figures to ``job_summary.json`` for
 :class:`~hydra_offload.sweep.SweepSummary`.
+
+With ``objective`` set (``step_time``, ``peak_memory`` or a list of both) the job returns
+that figure (a list for several) instead of its summary, for a sweeper that minimizes what
+the job returns (Hydra's Optuna sweeper). In a multirun, settings that cannot run (out of
+memory, an offload or config error) then return an :class:`InfeasibleTrial`, which the Optuna
+sweeper records as a failed trial before it goes on with the study.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningModule, Trainer
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from hydra_offload._applied import note_applied
 from hydra_offload._render import format_bytes, render_stats
 from hydra_offload.config import OffloadConfig
 from hydra_offload.hydra import OffloadConfigError, to_offload_config
@@ -34,13 +46,116 @@ from hydra_offload.stacks import LayerStackError
 from hydra_offload.suggest import Suggestion, suggest_prefetch
 from hydra_offload.sweep import write_job_summary
 
-__all__ = ["StepTimer", "fail", "run_job"]
+__all__ = [
+    "OBJECTIVES",
+    "InfeasibleTrial",
+    "JobResult",
+    "StepTimer",
+    "fail",
+    "objectives",
+    "run_job",
+]
+
+OBJECTIVES = {
+    "step_time": "median time per step, in milliseconds",
+    "peak_memory": "peak device memory, in MiB (on a CPU: the plan's device-resident weights)",
+}
+"""What ``objective`` may name, and the figure each returns (every one is minimized)."""
+
+_OPTIMIZING_SWEEPERS = ("OptunaSweeper", "NevergradSweeper", "AxSweeper")
 
 
 def fail(message: str) -> NoReturn:
     """End the job with a one-line error (one line per problem) and exit status 2."""
     print("error: " + message.replace("\n", "\nerror: "), file=sys.stderr)
     raise SystemExit(2)
+
+
+@dataclass(frozen=True)
+class InfeasibleTrial:
+    """What the job returns instead of its objective when a trial's settings cannot run.
+
+    It is not a number on purpose. hydra-optuna-sweeper (1.3) records a trial whose return
+    value ``float()`` refuses as failed, logs why, and goes on with the study. The
+    alternatives end the study: an exception does unless ``hydra.sweeper.max_failure_rate``
+    allows it, and ``nan`` makes the sweeper's own bookkeeping raise; ``inf`` would be kept as
+    a completed trial with a real value.
+
+    Example:
+        >>> trial = InfeasibleTrial("out of memory")
+        >>> str(trial)
+        'infeasible: out of memory'
+        >>> float(trial)
+        Traceback (most recent call last):
+        ...
+        ValueError: infeasible: out of memory
+    """
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"infeasible: {self.reason}"
+
+    def __float__(self) -> float:
+        raise ValueError(str(self))
+
+
+def objectives(cfg: DictConfig) -> tuple[str, ...]:
+    """The names in ``cfg.objective`` (``()`` when it is null); a wrong one fails the job.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> objectives(OmegaConf.create({"objective": ["step_time", "peak_memory"]}))
+        ('step_time', 'peak_memory')
+        >>> objectives(OmegaConf.create({"objective": None}))
+        ()
+    """
+    value = cfg.get("objective")
+    if value is None:
+        return ()
+    names = list(value) if isinstance(value, ListConfig) else [value]
+    if (
+        not names
+        or any(not isinstance(n, str) or n not in OBJECTIVES for n in names)
+        or len(set(names)) != len(names)
+    ):
+        given = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        fail(
+            f"objective: got {given!r}; expected null, one of {', '.join(OBJECTIVES)}, or a "
+            "list of them, e.g. objective=[step_time,peak_memory]"
+        )
+    return tuple(str(n) for n in names)
+
+
+def _check_sweeper(goals: Sequence[str]) -> None:
+    """A sweeper that minimizes the job's return value needs ``objective``, and Optuna's
+    ``direction`` must minimize each of them."""
+    if not HydraConfig.initialized():
+        return
+    sweeper = HydraConfig.get().sweeper
+    name = str(sweeper.get("_target_", "")).rsplit(".", 1)[-1]
+    if name not in _OPTIMIZING_SWEEPERS:
+        return
+    if not goals:
+        fail(
+            f"objective: the {name} minimizes what the job returns, and objective is null; "
+            "set objective=step_time, objective=peak_memory or objective=[step_time,peak_memory]"
+        )
+    if name != "OptunaSweeper":
+        return
+    direction = sweeper.get("direction")
+    given = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
+    directions = [getattr(d, "name", str(d)) for d in given]
+    if directions != ["minimize"] * len(goals):
+        wanted = "minimize" if len(goals) == 1 else "[" + ",".join(["minimize"] * len(goals)) + "]"
+        fail(
+            f"objective: {', '.join(goals)} {'is' if len(goals) == 1 else 'are'} minimized, "
+            f"but hydra.sweeper.direction is {directions}; set hydra.sweeper.direction={wanted}"
+        )
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 class StepTimer(Callback):
@@ -82,15 +197,35 @@ def validated(cfg: DictConfig) -> OffloadConfig:
         fail(str(err))
 
 
-def run_job(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run the job ``cfg`` describes; returns (and writes) its summary."""
+JobResult = dict[str, Any] | float | list[float] | InfeasibleTrial
+"""What :func:`run_job` returns: its summary, or with ``objective`` set the objective's
+value(s), or an :class:`InfeasibleTrial`."""
+
+
+def run_job(cfg: DictConfig, console: Console | None = None) -> JobResult:
+    """Run the job ``cfg`` describes and write its summary; returns the summary, or with
+    ``objective`` set the figure(s) it names (an :class:`InfeasibleTrial` for settings that
+    cannot run, in a multirun)."""
     console = console or Console(highlight=False)
-    offload = validated(cfg)
+    goals = objectives(cfg)
+    _check_sweeper(goals)
+    infeasible_as_trial = bool(goals) and _multirun()
+    try:
+        offload = to_offload_config(cfg.offload)
+    except OffloadConfigError as err:
+        if not infeasible_as_trial:
+            fail(str(err))
+        return _infeasible(goals, str(err), {}, console)
     console.print("[bold]offload config[/bold] (validated)")
     console.print(OmegaConf.to_yaml(offload.model_dump(mode="json")).rstrip())
     console.print(f"resolved backend: {offload.resolved_backend}")
     console.print(f"config hash: {offload.compute_hash()}")
     if cfg.get("dry_run", False) or str(cfg.model.get("device")) == "meta":
+        if goals:
+            fail(
+                "objective: this job only plans (dry_run, or a model on the meta device), so "
+                "there is nothing to measure; set objective=null"
+            )
         return _plan_only(cfg, offload, console)
     suggestion = _suggest(cfg, console) if cfg.get("suggest", False) else None
     if suggestion is not None:
@@ -110,10 +245,28 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
     device = trainer.strategy.root_device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    error: str | None = None
     try:
         _run(trainer, module, data, str(cfg.mode))
     except (LayerStackError, OffloadError) as err:
-        fail(str(err))
+        if not infeasible_as_trial:
+            fail(str(err))
+        error = str(err)
+    except torch.OutOfMemoryError as err:
+        if not infeasible_as_trial:
+            raise
+        error = "out of memory: " + (str(err).strip().splitlines() or [""])[0]
+    if error is not None:
+        del trainer, module, callbacks, timer  # the next trial may run in this process
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        record = {
+            "backend": offload.resolved_backend,
+            "config_hash": offload.compute_hash(),
+            "device": str(device),
+        }
+        return _infeasible(goals, error, record, console)
     offloads = [c for c in callbacks if isinstance(c, OffloadCallback)]
     summary = _summary(offload, offloads, timer, trainer)
     if suggestion is not None:
@@ -128,8 +281,54 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
             f"measured {'-' if measured is None else f'{measured:.2f}'} ms per predict step "
             "(median; the step also runs Lightning's loop and the batch transfer)"
         )
+    if not goals:
+        write_job_summary(summary)
+        return summary
+    values = _objective_values(goals, summary, module, console)
+    if isinstance(values, InfeasibleTrial):
+        if not infeasible_as_trial:
+            fail(values.reason)
+        return _infeasible(goals, values.reason, summary, console)
+    summary["objective"] = list(goals)
+    summary["objective_value"] = values
     write_job_summary(summary)
-    return summary
+    return values[0] if len(values) == 1 else values
+
+
+def _infeasible(
+    goals: Sequence[str], reason: str, record: dict[str, Any], console: Console
+) -> InfeasibleTrial:
+    """Report a trial whose settings cannot run: one error line, the job summary with the
+    reason, and the value that the Optuna sweeper records as a failed trial."""
+    print("error: " + reason.replace("\n", "\nerror: "), file=sys.stderr)
+    console.print(f"objective {', '.join(goals)}: infeasible settings, reported as a failed trial")
+    write_job_summary({**record, "objective": list(goals), "error": reason})
+    return InfeasibleTrial(reason)
+
+
+def _objective_values(
+    goals: Sequence[str], summary: dict[str, Any], module: LightningModule, console: Console
+) -> list[float] | InfeasibleTrial:
+    values: list[float] = []
+    for goal in goals:
+        if goal == "step_time":
+            if summary["step_ms"] is None:
+                return InfeasibleTrial("objective step_time: no step ran, so none was timed")
+            values.append(float(summary["step_ms"]))
+            console.print(f"objective step_time: {values[-1]:.3f} ms (median time per step)")
+            continue
+        peak = summary["peak_device_bytes"]
+        if peak is not None:
+            values.append(peak / 2**20)
+            console.print(f"objective peak_memory: {values[-1]:.3f} MiB (peak device memory)")
+            continue
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        values.append((weights - summary["device_bytes_saved"]) / 2**20)
+        console.print(
+            f"objective peak_memory: {values[-1]:.3f} MiB: not measured on {summary['device']}; "
+            "the plan's weight bytes left on the device stand in"
+        )
+    return values
 
 
 def _suggest(cfg: DictConfig, console: Console) -> Suggestion:
@@ -216,6 +415,7 @@ def _plan_only(cfg: DictConfig, offload: OffloadConfig, console: Console) -> dic
     except LayerStackError as err:
         fail(str(err))
     console.print(plan)
+    note_applied()  # planning only is what a dry run asks for: not a forgotten callback
     return {"backend": plan.backend, "device_bytes_saved": plan.device_bytes_saved}
 
 
@@ -234,12 +434,23 @@ def _summary(
             int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
         ),
         "device_bytes_saved": stats.device_bytes_saved if stats is not None else 0,
+        "device_bytes_saved_measured": stats.measured if stats is not None else False,
         "offloaded_bytes": stats.offloaded_bytes if stats is not None else 0,
         "stalls": stats.stalls if stats is not None else 0,
         "steps": len(timer.times_ms),
         "step_ms": step_ms,
         "h2d_gb_s": (per_forward / step_ms / 1e6) if per_forward and step_ms else None,
     }
+
+
+def _saved_cell(summary: dict[str, Any]) -> str:
+    """Device bytes saved, saying whether the allocator measured them or the plan says so."""
+    saved = format_bytes(summary["device_bytes_saved"])
+    if summary["backend"] == "none":
+        return saved
+    if summary.get("device_bytes_saved_measured"):
+        return saved + " measured"
+    return saved + (" planned, not measured" + (" (CPU)" if summary["device"] == "cpu" else ""))
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
@@ -253,7 +464,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table.add_row(
         "peak device memory", "not measured (CPU)" if peak is None else format_bytes(peak)
     )
-    table.add_row("device bytes saved", format_bytes(summary["device_bytes_saved"]))
+    table.add_row("device bytes saved", _saved_cell(summary))
     table.add_row("steps", str(summary["steps"]))
     step_ms = summary["step_ms"]
     table.add_row("time per step (median)", "-" if step_ms is None else f"{step_ms:.2f} ms")

@@ -22,24 +22,54 @@ callback ``setup`` -> ``configure_model`` -> ``strategy.setup`` (precision
   teardown, with the offloaded parameters restored on the CPU, where Lightning puts the whole
   module: code after ``trainer.fit()`` sees a normal module, and the device never has to hold
   the whole model.
+
+What it reports, on rank zero only:
+
+- The plan, at INFO through the ``hydra_offload.lightning`` logger (so a Hydra app's job log,
+  e.g. ``train.log``, has it; where logging is not configured at all it goes to stderr), once
+  per ``fit``, and at ``validate``, ``test`` or ``predict`` only when the plan differs from
+  the one last shown for the same module.
+- The validated config (not the Hydra interpolation that built it) as hyperparameters of the
+  Trainer's loggers, under ``offload``.
+- Its statistics as metrics of the Trainer's loggers (``offload/...``).
+- Inside a Hydra job (``HydraConfig.initialized()``), two files in the job's output
+  directory: ``offload_plan.txt`` (the plan last shown) and ``job_summary.json`` (backend,
+  config hash, device, peak device memory on CUDA, device bytes saved, time per step, ...,
+  the format :class:`~hydra_offload.sweep.SweepSummary` gathers at the end of a multirun).
+  Outside Hydra no file is written.
 """
 
 from __future__ import annotations
 
+import logging
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
+from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig
 from hydra_offload.hydra import to_offload_config
 from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
 from hydra_offload.plan import OffloadPlan, plan_offload
+from hydra_offload.sweep import write_job_summary
 
-__all__ = ["OffloadCallback"]
+__all__ = ["PLAN_FILE", "OffloadCallback"]
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "offload_plan.txt"
+"""The plan's text, written into the Hydra job's output directory."""
 
 _STAGE_FN = {
     "fit": TrainerFn.FITTING,
@@ -47,6 +77,79 @@ _STAGE_FN = {
     "test": TrainerFn.TESTING,
     "predict": TrainerFn.PREDICTING,
 }
+
+
+def _info(message: str) -> None:
+    """``message`` at INFO on this module's logger; where logging is not configured at all
+    (no handler between this logger and the root), on stderr instead, as Lightning shows its
+    own messages, so it is not silently dropped."""
+    if log.hasHandlers():
+        log.info(message)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _error_line(exception: BaseException) -> str:
+    text = str(exception).strip().splitlines()
+    return type(exception).__name__ + (f": {text[0]}" if text else "")
+
+
+class _StageRecord:
+    """One stage's figures for ``job_summary.json``: the wall time of each step (from the
+    batch's start to its end, synchronized with a CUDA device) and the CUDA memory peak since
+    the stage was set up (the peak counter is reset then)."""
+
+    def __init__(self, stage: str, device: torch.device) -> None:
+        self.stage = stage
+        self.device = device
+        self.times_ms: list[float] = []
+        self._start: float | None = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def begin_step(self) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def end_step(self) -> None:
+        if self._start is not None:
+            self._sync()
+            self.times_ms.append((time.perf_counter() - self._start) * 1e3)
+            self._start = None
+
+    def figures(
+        self, config: OffloadConfig, stats: OffloadStats | None, error: str | None
+    ) -> dict[str, Any]:
+        timed = self.times_ms[1:] or self.times_ms  # the first step warms up
+        step_ms = statistics.median(timed) if timed else None
+        per_forward = stats.h2d_bytes_per_forward if stats is not None else None
+        cuda = self.device.type == "cuda"
+        peak = int(torch.cuda.max_memory_allocated(self.device)) if cuda else None
+        figures: dict[str, Any] = {
+            "stage": self.stage,
+            "backend": config.resolved_backend,
+            "config_hash": config.compute_hash(),
+            "device": str(self.device),
+            "peak_device_bytes": peak,
+            "device_bytes_saved": stats.device_bytes_saved if stats is not None else 0,
+            "device_bytes_saved_measured": stats.measured if stats is not None else False,
+            "offloaded_bytes": stats.offloaded_bytes if stats is not None else 0,
+            "pool_bytes": stats.pool_bytes if stats is not None else 0,
+            "host_bytes_pinned": stats.host_bytes_pinned if stats is not None else 0,
+            "h2d_bytes_per_forward": per_forward,
+            "stalls": stats.stalls if stats is not None else 0,
+            "wait_ms": stats.wait_ms if stats is not None else None,
+            "steps": len(self.times_ms),
+            "step_ms": step_ms,
+            "h2d_gb_s": (per_forward / step_ms / 1e6) if per_forward and step_ms else None,
+        }
+        if error is not None:
+            figures["error"] = error
+        return figures
 
 
 class OffloadCallback(Callback):
@@ -62,7 +165,9 @@ class OffloadCallback(Callback):
 
     Logged metrics (rank zero): ``offload/device_bytes_saved``, ``offload/offloaded_bytes``,
     ``offload/pool_bytes``, ``offload/host_bytes_pinned``, ``offload/h2d_bytes_per_forward``,
-    ``offload/stalls`` and, where measured, ``offload/wait_ms``.
+    ``offload/stalls`` and, where measured, ``offload/wait_ms``. Logged hyperparameters:
+    :attr:`hparams`. Inside a Hydra job it also writes ``offload_plan.txt`` and
+    ``job_summary.json`` into the job's output directory (see the module's description).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -94,12 +199,40 @@ class OffloadCallback(Callback):
         self._module: Any = None
         self._ddp_ignored_before: Any = None
         self._warned_cpu = False
+        self._shown_plan: tuple[weakref.ref[LightningModule], str] | None = None
+        self._hparams_sent: weakref.WeakSet[Logger] = weakref.WeakSet()
+        self._record: _StageRecord | None = None
+        self._summary_dir: str | None = None
+        self._stages: dict[str, dict[str, Any]] = {}
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """What the callback sends to the Trainer's loggers as hyperparameters: the validated
+        config with its resolved backend and hash, under ``offload``.
+
+        Example:
+            >>> from omegaconf import OmegaConf
+            >>> cfg = OmegaConf.create({"size": 2, "offload": {"prefetch": {
+            ...     "offload_group_size": "${size}"}}})
+            >>> hparams = OffloadCallback(cfg.offload).hparams["offload"]
+            >>> hparams["prefetch"]["offload_group_size"], hparams["resolved_backend"]
+            (2, 'prefetch')
+        """
+        return {
+            "offload": {
+                **self.config.model_dump(mode="json"),
+                "resolved_backend": self.config.resolved_backend,
+                "config_hash": self.config.compute_hash(),
+            }
+        }
 
     # ---------------------------------------------------------------- applying
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._stage = stage
+        self._send_hparams(trainer)
+        self._begin_record(trainer, stage)
         if self.config.resolved_backend == "none":
             return
-        self._stage = stage
         original = pl_module.configure_model
 
         def configure_model_then_offload() -> None:
@@ -116,10 +249,12 @@ class OffloadCallback(Callback):
         device = trainer.strategy.root_device
         if device.type == "cpu" and not self._warned_cpu:
             self._warned_cpu = True
-            rank_zero_warn(
-                "OffloadCallback: the compute device is the CPU, so offloading saves no memory "
-                "here; the offload mechanism still runs (useful for testing)."
-            )
+            if trainer.is_global_zero:
+                warn_at_caller(
+                    "OffloadCallback: the compute device is the CPU, so offloading saves no "
+                    "memory here; the offload mechanism still runs (useful for testing).",
+                    UserWarning,
+                )
         if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
             self._refuse_trainable_offloaded(pl_module)
         precision = trainer.precision_plugin
@@ -133,7 +268,7 @@ class OffloadCallback(Callback):
         ignored += [n for n in self.handle.plan.offloaded_params if n not in ignored]
         pl_module._ddp_params_and_buffers_to_ignore = ignored
         self._module = pl_module
-        rank_zero_info(self.handle.plan.summary())
+        self._show_plan(trainer, pl_module, self.handle.plan)
 
     def _refuse_trainable_offloaded(self, pl_module: LightningModule) -> None:
         """Offloaded parameters are kept out of DDP's gradient sync, so under several
@@ -156,8 +291,84 @@ class OffloadCallback(Callback):
             self._patched.__dict__.pop("configure_model", None)
             self._patched = None
 
+    # ---------------------------------------------------------------- reporting
+    def _show_plan(self, trainer: Trainer, pl_module: LightningModule, plan: OffloadPlan) -> None:
+        """Log the plan (and write it into the Hydra output directory) on rank zero: at every
+        fit; at other stages only when it differs from the plan last shown for this module."""
+        if not trainer.is_global_zero:
+            return
+        text = "\n".join(line.rstrip() for line in plan.summary().rstrip().splitlines())
+        if self._stage != "fit" and self._shown_plan is not None:
+            module_ref, shown = self._shown_plan
+            if module_ref() is pl_module and shown == text:
+                return
+        self._shown_plan = (weakref.ref(pl_module), text)
+        _info(text)
+        if HydraConfig.initialized():
+            (Path(HydraConfig.get().runtime.output_dir) / PLAN_FILE).write_text(text + "\n")
+
+    def _send_hparams(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if logger not in self._hparams_sent:
+                logger.log_hyperparams(self.hparams)
+                self._hparams_sent.add(logger)
+
+    def _begin_record(self, trainer: Trainer, stage: str) -> None:
+        self._record = None
+        if not (trainer.is_global_zero and HydraConfig.initialized()):
+            return
+        output_dir = str(HydraConfig.get().runtime.output_dir)
+        if output_dir != self._summary_dir:  # a new Hydra job: forget the last one's stages
+            self._summary_dir, self._stages = output_dir, {}
+        self._record = _StageRecord(stage, trainer.strategy.root_device)
+
+    def _write_summary(self, stats: OffloadStats | None, error: str | None = None) -> None:
+        """Add the stage's figures to ``job_summary.json``; its top level holds the fit's
+        figures when the job fitted, else the latest stage's, and ``stages`` holds each."""
+        record, self._record = self._record, None
+        if record is None or not HydraConfig.initialized():
+            return
+        self._stages[record.stage] = record.figures(self.config, stats, error)
+        top = self._stages.get("fit", self._stages[record.stage])
+        write_job_summary({**top, "stages": dict(self._stages)}, self._summary_dir)
+
+    def _in_stage(self, trainer: Trainer, stage: str) -> bool:
+        return self._stage == stage and trainer.state.fn == _STAGE_FN[stage]
+
+    def _step_begins(self, trainer: Trainer, stage: str) -> None:
+        if self._record is not None and self._in_stage(trainer, stage):
+            self._record.begin_step()
+
+    def _step_ends(self, trainer: Trainer, stage: str) -> None:
+        if self._record is not None and self._in_stage(trainer, stage):
+            self._record.end_step()
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._step_begins(trainer, "fit")
+
+    def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._step_begins(trainer, "validate")
+
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._step_ends(trainer, "validate")
+
+    def on_test_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._step_begins(trainer, "test")
+
+    def on_test_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._step_ends(trainer, "test")
+
+    def on_predict_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._step_begins(trainer, "predict")
+
+    def on_predict_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._step_ends(trainer, "predict")
+
     # ---------------------------------------------------------------- logging
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._step_ends(trainer, "fit")
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if self.handle is not None and trainer.global_step % every == 0:
             self._log(trainer)
@@ -182,10 +393,13 @@ class OffloadCallback(Callback):
 
     # ---------------------------------------------------------------- removing
     def _finish(self, trainer: Trainer, stage: str) -> None:
-        if self.handle is None or self._stage != stage or trainer.state.fn != _STAGE_FN[stage]:
+        if not self._in_stage(trainer, stage):
             return
-        self._log(trainer)
-        self._remove()
+        stats = self.handle.stats if self.handle is not None else None
+        if self.handle is not None:
+            self._log(trainer)
+            self._remove()
+        self._write_summary(stats)
 
     def _remove(self) -> None:
         self._unpatch()
@@ -217,14 +431,29 @@ class OffloadCallback(Callback):
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
+        stats = self.handle.stats if self.handle is not None else None
         self._remove()
+        self._write_summary(stats, error=_error_line(exception))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove()
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The config that ran (for the record; checkpoints hold the true weights)."""
+        """The config that ran (for the record; checkpoints hold the true weights).
+
+        Empty when nothing is offloaded: Lightning then stores no entry for the callback, so
+        a checkpoint of a run without offload loads without the callback and without
+        Lightning's "Please add the following callbacks" warning.
+
+        Example:
+            >>> OffloadCallback({}).state_dict()
+            {}
+            >>> sorted(OffloadCallback({"uva": {"cpu_offload_gb": 1}}).state_dict())
+            ['config', 'config_hash']
+        """
+        if self.config.resolved_backend == "none":
+            return {}
         return {
             "config": self.config.model_dump(mode="json"),
             "config_hash": self.config.compute_hash(),

@@ -1,9 +1,12 @@
 """Multirun summaries: one row per job of a Hydra sweep, as Markdown, CSV and a plot.
 
 Each job writes its figures with :func:`write_job_summary` (``job_summary.json`` in the job's
-output directory); when the sweep ends, the :class:`SweepSummary` Hydra callback gathers them
-and writes ``sweep_summary.md``, ``sweep_summary.csv`` and ``sweep_summary.png`` (device
-memory saved against time per step, one point per job) into the sweep directory.
+output directory): :class:`~hydra_offload.OffloadCallback` does it in any Hydra app that uses
+it, and ``run.py`` writes its own. When the sweep ends, the :class:`SweepSummary` Hydra
+callback gathers them and writes ``sweep_summary.md``, ``sweep_summary.csv`` and
+``sweep_summary.png`` (device memory saved against time per step, one point per job) into the
+sweep directory. It works with any sweeper and launcher that gives each job its own
+subdirectory of ``hydra.sweep.dir`` (the basic sweeper, Optuna, the joblib launcher).
 
 Register it in the app's config::
 
@@ -41,13 +44,23 @@ COLUMNS = (
     "device_bytes_saved",
     "step_ms",
     "h2d_gb_s",
+    "error",
 )
-"""The columns of the sweep summary, in order."""
+"""The columns of the sweep summary, in order (``error``: why a job failed, if it did)."""
 
 
 def write_job_summary(summary: dict[str, Any], output_dir: str | Path | None = None) -> Path:
-    """Write one job's figures (keys from :data:`COLUMNS`; ``job`` and ``overrides`` are
-    filled in from Hydra when missing) to ``job_summary.json`` in the job's output dir."""
+    """Write one job's figures (keys from :data:`COLUMNS`, and any others; ``job`` and
+    ``overrides`` are filled in from Hydra when missing) to ``job_summary.json`` in
+    ``output_dir``, by default the Hydra job's output directory.
+
+    Example:
+        >>> import json, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> path = write_job_summary({"job": 0, "backend": "uva", "step_ms": 2.5}, folder)
+        >>> json.loads(path.read_text())["step_ms"]
+        2.5
+    """
     record = dict(summary)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
@@ -100,9 +113,11 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -9,6 +9,7 @@ the scripts in ``tests/lightning_apps/`` in subprocesses.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -23,7 +24,6 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning_utilities.core import rank_zero as rank_zero_logging
 from omegaconf import OmegaConf
 
 from hydra_offload import (
@@ -33,8 +33,10 @@ from hydra_offload import (
     apply_offload,
     to_offload_config,
 )
+from hydra_offload.lightning import PLAN_FILE
 from hydra_offload.models import DecoderLM, LitDecoderLM, random_tokens
 from hydra_offload.runtime.host import ALIGNMENT
+from hydra_offload.sweep import COLUMNS
 
 APPS = Path(__file__).parent / "lightning_apps"
 
@@ -524,6 +526,25 @@ def test_resuming_from_an_offloaded_checkpoint_works_with_and_without_offload(
     assert all_equal(resumed["offload"], resumed["plain"])
 
 
+def test_with_nothing_offloaded_checkpoints_hold_no_callback_state(tmp_path):
+    # An evaluation script builds its Trainer without the callback: loading the checkpoint of
+    # a run with offload=none must not ask for it ("Please add the following callbacks").
+    lit = module(frozen=True)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer(OffloadCallback({}), checkpoints, enable_checkpointing=True).fit(lit, tokens())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert not any("OffloadCallback" in str(key) for key in saved["callbacks"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate = trainer(enable_checkpointing=True)
+        evaluate.test(module(), tokens(), ckpt_path=tmp_path / "last.ckpt")
+    assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
+    # With an offload the config is kept, for the record.
+    assert OffloadCallback(PREFETCH).state_dict()["config_hash"] == (
+        to_offload_config(PREFETCH).compute_hash()
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------
@@ -567,30 +588,146 @@ def test_evaluation_stages_log_the_offload_stats_at_their_end(tmp_path, stage):
     assert float(row["offload/offloaded_bytes"]) == callback.last_stats.offloaded_bytes > 0
 
 
-@pytest.fixture
-def rank_zero_log():
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep(level=logging.INFO)
-    logger = rank_zero_logging.log  # the logger rank_zero_info writes to
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+def plans_logged(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "hydra_offload.lightning" and r.getMessage().startswith("Offload plan")
+    ]
 
 
-def test_the_plan_is_logged_once_per_stage(rank_zero_log):
+def test_the_plan_is_logged_once_per_fit_and_at_other_stages_only_when_it_changes(caplog):
+    caplog.set_level(logging.INFO, logger="hydra_offload")
     callback = OffloadCallback(PREFETCH)
     lit = module(frozen=True)
     run("fit", lit, callback)
-    plans = [r.getMessage() for r in rank_zero_log if "Offload plan" in r.getMessage()]
-    assert len(plans) == 1
-    assert "2 of 4 layers offloaded: 1, 3" in plans[0]
-    run("predict", lit, callback)
-    assert sum("Offload plan" in r.getMessage() for r in rank_zero_log) == 2
+    (plan,) = plans_logged(caplog)
+    assert plan.startswith("Offload plan: prefetch")
+    assert "2 of 4 layers offloaded: 1, 3" in plan
+    # Testing, validating and predicting with the same module and plan: nothing new to show.
+    for stage in ("test", "validate", "predict"):
+        run(stage, lit, callback)
+    assert len(plans_logged(caplog)) == 1
+    # Another module with another plan is shown; a new fit shows its plan again.
+    torch.manual_seed(0)
+    deeper = Recorder(DecoderLM(**{**SIZES, "num_layers": 6}))
+    run("predict", deeper, callback)
+    assert "3 of 6 layers offloaded: 1, 3, 5" in plans_logged(caplog)[-1]
+    run("fit", lit, callback)
+    assert len(plans_logged(caplog)) == 3
+
+
+def test_the_validated_config_is_logged_as_hyperparameters_once_per_logger(tmp_path):
+    # What a Hydra callbacks config passes: a node whose values are interpolations.
+    cfg = OmegaConf.create(
+        {"group": 2, "offload": {"prefetch": {"offload_group_size": "${group}"}}}
+    )
+    callback = OffloadCallback(cfg.offload)
+    sent: list[dict] = []
+
+    class Recording(CSVLogger):
+        def log_hyperparams(self, params, *args, **kwargs):
+            sent.append(params)
+            super().log_hyperparams(params, *args, **kwargs)
+
+    logger = Recording(tmp_path, name="logs", version=0)
+    t = trainer(callback, logger=logger)
+    lit = module(frozen=True)
+    t.fit(lit, tokens(), tokens(samples=4, seed=1))
+    t.test(lit, tokens())
+    assert [p for p in sent if "offload" in p] == [callback.hparams]
+    saved = OmegaConf.load(Path(logger.log_dir) / "hparams.yaml")
+    assert saved.offload.prefetch.offload_group_size == 2
+    assert saved.offload.resolved_backend == "prefetch"
+    assert saved.offload.config_hash == to_offload_config(PREFETCH).compute_hash()
+    assert "${" not in (Path(logger.log_dir) / "hparams.yaml").read_text()
+
+
+@pytest.fixture
+def hydra_job(tmp_path):
+    """A Hydra job in this process, its output directory ``tmp_path / "job"``, as
+    ``hydra.main`` sets it up for the task function."""
+    from hydra import compose, initialize
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize(version_base="1.3", config_path=None):
+        cfg = compose(overrides=[], return_hydra_config=True)
+    output_dir = tmp_path / "job"
+    output_dir.mkdir()
+    cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    yield output_dir
+    HydraConfig.instance().cfg = None
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_in_a_hydra_job_the_plan_and_a_job_summary_go_to_its_output_directory(hydra_job):
+    callback = OffloadCallback(PREFETCH)
+    lit = module(frozen=True)
+    run("fit", lit, callback)
+    plan = (hydra_job / PLAN_FILE).read_text()
+    assert plan.startswith("Offload plan: prefetch")
+    lines = callback.last_plan.summary().rstrip().splitlines()
+    assert plan == "\n".join(line.rstrip() for line in lines) + "\n"
+    assert "2 of 4 layers offloaded: 1, 3" in plan
+    summary = read_json(hydra_job / "job_summary.json")
+    stats = callback.last_stats
+    assert summary["stage"] == "fit"
+    assert summary["backend"] == "prefetch"
+    assert summary["config_hash"] == callback.config.compute_hash()
+    assert summary["device"] == "cpu"
+    assert summary["peak_device_bytes"] is None  # measured on CUDA only
+    assert summary["device_bytes_saved"] == stats.device_bytes_saved > 0
+    assert summary["device_bytes_saved_measured"] is False
+    assert summary["offloaded_bytes"] == stats.offloaded_bytes
+    assert summary["steps"] == 4
+    assert summary["step_ms"] > 0
+    assert summary["h2d_gb_s"] > 0
+    assert summary["stalls"] == 0
+    assert summary["job"] == 0
+    assert summary["overrides"] == ""
+    # A later stage adds its own figures; the top level keeps the fit's.
+    run("test", lit, callback)
+    summary = read_json(hydra_job / "job_summary.json")
+    assert summary["stage"] == "fit"
+    assert set(summary["stages"]) == {"fit", "test"}
+    assert summary["stages"]["test"]["steps"] == 4
+    # Every column of the sweep table is there.
+    assert set(COLUMNS) - {"error"} <= set(summary)
+
+
+def test_in_a_hydra_job_without_offload_the_summary_is_still_written(hydra_job):
+    run("predict", module(), OffloadCallback({}))
+    summary = read_json(hydra_job / "job_summary.json")
+    assert summary["backend"] == "none"
+    assert summary["device_bytes_saved"] == 0
+    assert summary["steps"] == 4
+    assert summary["step_ms"] > 0
+    assert not (hydra_job / PLAN_FILE).exists()
+
+
+def test_in_a_hydra_job_a_stage_that_raises_leaves_its_error_in_the_summary(hydra_job):
+    class Failing(Recorder):
+        def predict_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom\nsecond line")
+            return super().predict_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(OffloadCallback(PREFETCH)).predict(Failing(DecoderLM(**SIZES)), tokens())
+    summary = read_json(hydra_job / "job_summary.json")
+    assert summary["error"] == "RuntimeError: boom"
+    assert summary["stage"] == "predict"
+
+
+def test_outside_hydra_no_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run("fit", module(frozen=True), OffloadCallback(PREFETCH))
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------

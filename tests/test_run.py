@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.samples=8", "data.seq_len=32", "model.num_layers=4"]
+SMALL_PARAM_BYTES = 14_951_424  # the decoder at SMALL's size, float32
+# A tiny Optuna study: one trial at a time, the sampler seeded.
+OPTUNA = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.seed=0"]
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -19,6 +24,7 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args, *dirs],
         cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "160"},  # rich tables and lines unwrapped
         capture_output=True,
         text=True,
         timeout=300,
@@ -59,6 +65,12 @@ def test_each_backend_runs_predict_under_the_trainer(tmp_path, overrides, backen
     assert summary["device_bytes_saved"] > 0
     assert summary["step_ms"] > 0
     assert summary["stalls"] == 0
+    # On a CPU the figure is the plan's: the summary says so.
+    saved = f"{summary['device_bytes_saved']:,} B) planned, not measured (CPU)"
+    table = result.stdout.split("Run summary")[-1]
+    row = next(line for line in table.splitlines() if "device bytes saved" in line)
+    assert saved in row
+    assert summary["device_bytes_saved_measured"] is False
 
 
 def test_fit_mode_trains_with_uva(tmp_path):
@@ -83,6 +95,18 @@ def test_multirun_writes_a_sweep_summary_and_plot(tmp_path):
     assert markdown[0].startswith("| job | overrides | backend |")
     assert len(markdown) == 2 + 4
     assert (sweep / "sweep_summary.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_multirun_with_the_joblib_launcher_writes_the_sweep_summary(tmp_path):
+    # Each job runs in a worker process; the summary is gathered in the main one.
+    result = run(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL,
+                 "offload=uva,prefetch")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with (tmp_path / "sweep" / "sweep_summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["job"] for row in rows] == ["0", "1"]
+    assert [row["backend"] for row in rows] == ["uva", "prefetch"]
+    assert all(float(row["step_ms"]) > 0 and not row["error"] for row in rows)
 
 
 def test_a_7b_llama_shaped_model_is_planned_on_meta(tmp_path):
@@ -115,23 +139,40 @@ def test_dry_run_only_plans(tmp_path):
         ),
         (
             ["+dry_run=true", "offload=prefetch", "offload.layers=decoder.layers"],
-            "error: offload.layers: 'decoder.layers' does not exist in DecoderLM; "
-            "module lists found: layers (16 x DecoderBlock)",
+            "error: offload.layers: 'decoder.layers' does not exist in DecoderLM"
+            " ... module lists found: layers (16 x DecoderBlock)",
+        ),
+        (
+            ["objective=speed"],
+            "error: objective: got 'speed'; expected null, one of step_time, peak_memory, or a "
+            "list of them, e.g. objective=[step_time,peak_memory]",
         ),
     ],
 )
 def test_bad_settings_end_with_one_clear_line_and_exit_2(tmp_path, overrides, expected):
     result = run(tmp_path, *overrides)
     assert result.returncode == 2
-    assert result.stderr.strip() == expected
+    assert_line(result.stderr.strip(), expected)
+
+
+def assert_line(line: str, expected: str) -> None:
+    """``line`` is ``expected``; `` ... `` in ``expected`` stands for any text on the line."""
+    assert "\n" not in line, line
+    head, _, tail = expected.partition(" ... ")
+    if not tail:
+        assert line == expected
+        return
+    assert line.startswith(head), line
+    assert line.endswith(tail), line
 
 
 def test_a_bad_layers_path_fails_the_run_with_one_line(tmp_path):
     result = run(tmp_path, *SMALL, "offload=prefetch", "offload.layers=decoder.layers")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: offload.layers: 'decoder.layers' does not exist in LitDecoderLM; "
-        "module lists found: model.layers (4 x DecoderBlock)"
+    assert_line(
+        result.stderr.strip().splitlines()[-1],
+        "error: offload.layers: 'decoder.layers' does not exist in LitDecoderLM"
+        " ... module lists found: model.layers (4 x DecoderBlock)",
     )
 
 
@@ -177,3 +218,101 @@ def test_suggest_refuses_what_it_cannot_do_with_one_line(tmp_path, overrides, ex
     result = run(tmp_path, *SMALL, "suggest=true", *overrides)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(expected), result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# objective: what the job returns to a sweeper that minimizes it
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_optuna_study_minimizes_step_time_and_reports_the_best_settings(tmp_path):
+    # Half the space cannot run (a layer stack the model does not have): those trials fail
+    # and the study goes on.
+    result = run(tmp_path, *OPTUNA, *SMALL, "objective=step_time", "offload=prefetch",
+                 "offload.prefetch.offload_group_size=choice(2,4)",
+                 "offload.layers=choice(model.layers,decoder.layers)",
+                 "hydra.sweeper.n_trials=4")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/job_summary.json")]
+    assert len(summaries) == 4
+    done = [s for s in summaries if "error" not in s]
+    failed = [s for s in summaries if "error" in s]
+    assert done, "the seeded sampler tries both layer paths"
+    assert failed, "the seeded sampler tries both layer paths"
+    assert all(s["error"].startswith("offload.layers: 'decoder.layers' does not") for s in failed)
+    assert "Failed experiment: Return value must be float-castable. Got 'infeasible: " in (
+        result.stdout
+    )
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_params["offload.layers"] == "model.layers"
+    assert best.best_value == min(s["objective_value"][0] for s in done) > 0
+    assert all(s["objective_value"] == [s["step_ms"]] for s in done)
+    assert "Best parameters: {" in result.stdout
+    with (sweep / "sweep_summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4
+    assert sum(bool(row["error"]) for row in rows) == len(failed)
+
+
+def test_a_multi_objective_study_reports_its_pareto_front(tmp_path):
+    result = run(tmp_path, *OPTUNA, *SMALL, "objective=[step_time,peak_memory]",
+                 "hydra.sweeper.direction=[minimize,minimize]", "offload=prefetch",
+                 "offload.prefetch.offload_group_size=choice(2,4)",
+                 "hydra.sweeper.n_trials=2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    front = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml").solutions
+    assert front
+    assert all(len(solution["values"]) == 2 for solution in front)
+    for path in (tmp_path / "sweep").glob("*/job_summary.json"):
+        summary = json.loads(path.read_text())
+        step_ms, peak_mib = summary["objective_value"]
+        assert step_ms == summary["step_ms"]
+        # On a CPU the plan's weight bytes left on the device stand in for the peak.
+        assert peak_mib == (SMALL_PARAM_BYTES - summary["device_bytes_saved"]) / 2**20
+
+
+def test_a_run_with_an_objective_prints_and_records_its_value(tmp_path):
+    result = run(tmp_path, *SMALL, "offload=prefetch", "objective=[step_time,peak_memory]")
+    assert result.returncode == 0, result.stderr
+    summary = job_summary(tmp_path)
+    assert summary["objective"] == ["step_time", "peak_memory"]
+    step_ms, peak_mib = summary["objective_value"]
+    assert f"objective step_time: {step_ms:.3f} ms (median time per step)" in result.stdout
+    assert (
+        f"objective peak_memory: {peak_mib:.3f} MiB: not measured on cpu; the plan's weight "
+        "bytes left on the device stand in"
+    ) in result.stdout
+    assert peak_mib == (SMALL_PARAM_BYTES - 3_213_312) / 2**20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            [],
+            "error: objective: the OptunaSweeper minimizes what the job returns, and objective "
+            "is null; set objective=step_time, objective=peak_memory or "
+            "objective=[step_time,peak_memory]",
+        ),
+        (
+            ["objective=[step_time,peak_memory]"],
+            "error: objective: step_time, peak_memory are minimized, but "
+            "hydra.sweeper.direction is ['minimize']; set "
+            "hydra.sweeper.direction=[minimize,minimize]",
+        ),
+        (
+            ["objective=step_time", "hydra.sweeper.direction=maximize"],
+            "error: objective: step_time is minimized, but hydra.sweeper.direction is "
+            "['maximize']; set hydra.sweeper.direction=minimize",
+        ),
+    ],
+)
+def test_an_optuna_study_the_job_cannot_serve_stops_at_once_with_one_line(
+    tmp_path, overrides, expected
+):
+    result = run(tmp_path, *OPTUNA, *SMALL, *overrides, "hydra.sweeper.n_trials=2",
+                 "offload.prefetch.offload_group_size=range(2,5)")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == expected
+    assert not list((tmp_path / "sweep").glob("*/job_summary.json"))
