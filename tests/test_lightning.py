@@ -925,3 +925,13 @@ def test_under_ddp_only_rank_zero_logs_the_plan(ddp_run):
     # Two runs offloaded (fit with frozen layers, predict); rank 1 prints to the same output.
     _, output = ddp_run
     assert output.count("Offload plan: prefetch") == 2
+
+
+def test_the_callbacks_warnings_point_at_the_users_line():
+    # Not at Lightning's or hydra-offload's frames: the line that started the stage.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(OffloadCallback(PREFETCH)).predict(module(), tokens())  # the user's line
+    ours = [w for w in caught if "compute device is the CPU" in str(w.message)]
+    assert len(ours) == 1
+    assert ours[0].filename == __file__
