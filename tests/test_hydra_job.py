@@ -165,18 +165,17 @@ def test_a_node_placed_elsewhere_is_validated_under_its_own_key(tmp_path, capsys
     )
 
 
-def _apply_in_another_process() -> None:
-    note_applied()
-
-
 @pytest.mark.parametrize("applied", [True, False])
-def test_an_offload_applied_by_a_process_the_job_started_counts(applied):
+def test_an_offload_applied_by_a_process_the_job_started_counts(applied, monkeypatch):
+    monkeypatch.delenv(APPLIED_FILE_ENV, raising=False)  # restored whatever happens below
     cfg = composed("offload=uva")
     callback = OffloadJobCallback()
     callback.on_job_start(config=cfg, task_function=print)
     assert os.environ.get(APPLIED_FILE_ENV)
     if applied:  # as under Lightning's ddp_spawn
-        child = multiprocessing.get_context("spawn").Process(target=_apply_in_another_process)
+        # The target comes from the installed package: a spawned child cannot import this
+        # test file (the suite imports it by path).
+        child = multiprocessing.get_context("spawn").Process(target=note_applied)
         child.start()
         child.join(60)
         assert child.exitcode == 0
