@@ -8,10 +8,10 @@ Three frozen pydantic models mirror the YAML layout of the ``offload`` config gr
       prefetch: {offload_group_size, offload_num_in_group, offload_prefetch_step, offload_params}
       layers:   null | "model.layers" | [encoder.block, decoder.block]
 
-Validation follows the project specification (``SPEC.md``): field bounds, the two cross-field
-errors when prefetch is on, and at most one :class:`OffloadConfigWarning` for conflicting
-settings. On top of that the models reject unknown keys, strings where numbers belong, and bare
-strings where a list of name segments belongs.
+Validation follows the project specification, ``docs/spec.md §2``: field bounds, the two
+cross-field errors when prefetch is on, and at most one :class:`OffloadConfigWarning` for
+conflicting settings. On top of that the models reject unknown keys, strings where numbers
+belong, and bare strings where a list of name segments belongs.
 
 Example:
     >>> from hydra_offload import OffloadConfig
@@ -359,7 +359,7 @@ class OffloadConfig(_Frozen):
         return self
 
     def _conflict(self) -> str | None:
-        """The one conflict worth a warning, first match wins (see SPEC.md)."""
+        """The one conflict worth a warning, first match wins (docs/spec.md §2.5)."""
         if self.offload_backend == "uva" and self.prefetch_active:
             return (
                 "Prefetch offload fields are set but offload_backend='uva': "

@@ -1,4 +1,4 @@
-"""apply_offload and OffloadHandle keep SPEC.md section 3 whatever the backend.
+"""apply_offload and OffloadHandle keep docs/spec.md §6 whatever the backend.
 
 Every test here runs against each backend (prefetch with two layouts, UVA reading host memory,
 UVA copying per forward): outputs equal the unoffloaded model's, state_dict / load_state_dict

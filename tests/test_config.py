@@ -1,4 +1,4 @@
-"""OffloadConfig follows SPEC.md section 1: fields, bounds, cross-field rules, warnings, hash."""
+"""OffloadConfig follows docs/spec.md §2: fields, bounds, cross-field rules, warnings, hash."""
 
 from __future__ import annotations
 

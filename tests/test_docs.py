@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +41,86 @@ def test_docstring_examples_run(name):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.attempted > 0, f"{name} has no examples"
     assert result.failed == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The specification (docs/spec.md) and the references to it
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "docs" / "spec.md"
+SIGN = "\u00a7"  # the section sign, spelled out so this file holds no reference of its own
+REFERENCE = re.compile(r"docs/spec\.md " + SIGN + r"(\d+(?:\.\d+)*)")
+SECTION = re.compile(SIGN + r"(\d+(?:\.\d+)*)")
+HEADING = re.compile(r"^#{2,6} (\d+(?:\.\d+)*)\.? \S", re.MULTILINE)
+OLD_NAME = "SPEC" + ".md"  # the file the references used to name, which never existed
+# Not the project's files: environments, build and run outputs, caches.
+SKIPPED = {"build", "dist", "outputs", "multirun", "node_modules", "__pycache__"}
+
+
+def project_files(*suffixes: str) -> list[Path]:
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(
+            d for d in dirs
+            if not d.startswith(".") and d not in SKIPPED and not d.endswith(".egg-info")
+        )  # fmt: skip
+        found += [Path(folder, name) for name in sorted(files) if name.endswith(suffixes)]
+    return found
+
+
+def spec_sections() -> list[str]:
+    return HEADING.findall(SPEC.read_text(encoding="utf-8"))
+
+
+def test_the_spec_numbers_its_sections_in_order():
+    sections = spec_sections()
+    assert sections, "docs/spec.md has no numbered section"
+    assert len(set(sections)) == len(sections), "a section number is used twice"
+    last: dict[str, int] = {}
+    for number in sections:
+        parent, _, own = number.rpartition(".")
+        assert not parent or parent in sections[: sections.index(number)], number
+        assert int(own) == last.get(parent, 0) + 1, f"{SIGN}{number} is out of order"
+        last[parent] = int(own)
+
+
+def test_every_spec_reference_names_a_section_that_exists():
+    sections = set(spec_sections())
+    references = 0
+    for path in project_files(".py", ".md"):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(ROOT)
+        if path == SPEC:  # its own cross-references: bare section numbers
+            cited = SECTION.findall(text)
+        else:
+            cited = REFERENCE.findall(text)
+            # A section sign anywhere else must belong to a full reference, which is checked.
+            assert text.count(SIGN) == len(cited), f"{name}: a section cited without docs/spec.md"
+            references += len(cited)
+        missing = sorted(set(cited) - sections)
+        assert not missing, f"{name} cites sections docs/spec.md lacks: {missing}"
+    assert references, "no file refers to docs/spec.md"
+
+
+def test_no_file_mentions_the_old_spec_name():
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in project_files(".py", ".md", ".yaml", ".toml", ".txt", ".cfg", ".ini")
+        if OLD_NAME in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
+
+
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_markdown_links_point_at_files_inside_the_repository():
+    for path in project_files(".md"):
+        for target in MARKDOWN_LINK.findall(path.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address, or an anchor in the same file
+            resolved = (path.parent / target.split("#")[0]).resolve()
+            name = path.relative_to(ROOT)
+            assert resolved.is_relative_to(ROOT), f"{name}: {target} leaves the repository"
+            assert resolved.exists(), f"{name}: {target} does not exist"

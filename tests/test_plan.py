@@ -1,4 +1,4 @@
-"""plan_offload follows SPEC.md section 2: layer stacks, group rule, pool, UVA budget.
+"""plan_offload: layer stacks (docs/spec.md §4), group rule, pool, UVA budget (docs/spec.md §5).
 
 Models are built on the ``meta`` device wherever possible: the planner reads names, shapes,
 strides and dtypes only, so a meta model is enough and any access to tensor data would fail.

@@ -1,4 +1,4 @@
-"""Name-segment matching follows SPEC.md section 2, "Segment match"."""
+"""Name-segment matching and selectors follow docs/spec.md §3."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ NAME = "mlp.experts.w2_weight"
 @pytest.mark.parametrize(
     ("pattern", "name", "expected"),
     [
-        # The examples of SPEC.md.
+        # The examples of docs/spec.md §3.1.
         ("experts", NAME, True),
         ("experts.w2_weight", NAME, True),
         ("expert", NAME, False),
