@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 import weakref
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig
@@ -169,6 +171,14 @@ class OffloadCallback(Callback):
     :attr:`hparams`. Inside a Hydra job it also writes ``offload_plan.txt`` and
     ``job_summary.json`` into the job's output directory (see the module's description).
 
+    Checkpoints keep its state under :attr:`state_key`, which carries the config's hash, so
+    several OffloadCallbacks of one Trainer keep separate entries.
+
+    Raises:
+        hydra_offload.OffloadConfigError: ``config`` is not a valid configuration; one line
+            per problem, each naming the dotted key.
+        ValueError: ``log_every_n_steps`` is below 1.
+
     Example:
         >>> from lightning.pytorch import Trainer
         >>> from hydra_offload import OffloadCallback
@@ -226,8 +236,25 @@ class OffloadCallback(Callback):
             }
         }
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this callback's entry in a checkpoint's ``callbacks``: the class name and
+        the config's hash, so two OffloadCallbacks with different configs in one Trainer do not
+        overwrite each other's entry.
+
+        Example:
+            >>> OffloadCallback({}).state_key
+            "OffloadCallback{'config_hash': '...'}"
+        """
+        return self._generate_state_key(config_hash=self.config.compute_hash())
+
     # ---------------------------------------------------------------- applying
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Start the stage's record and wrap the module's ``configure_model`` so that the
+        offload is applied (:meth:`_apply`) right after it; errors of the offload surface from
+        that call, when Lightning makes it."""
         self._stage = stage
         self._send_hparams(trainer)
         self._begin_record(trainer, stage)
@@ -245,6 +272,15 @@ class OffloadCallback(Callback):
         self._patched = pl_module
 
     def _apply(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Offload ``pl_module`` for the stage: after its ``configure_model``, before the
+        strategy moves it to the device.
+
+        Raises:
+            OffloadError: under DDP (several processes) while fitting, an offloaded parameter
+                requires grad; or the module already carries an offload (e.g. another
+                OffloadCallback's), a parameter cannot be offloaded, or host memory is short.
+            hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
+        """
         self._unpatch()
         device = trainer.strategy.root_device
         if device.type == "cpu" and not self._warned_cpu:
@@ -272,7 +308,12 @@ class OffloadCallback(Callback):
 
     def _refuse_trainable_offloaded(self, pl_module: LightningModule) -> None:
         """Offloaded parameters are kept out of DDP's gradient sync, so under several
-        processes they must be frozen, or each rank would train its own copy."""
+        processes they must be frozen, or each rank would train its own copy.
+
+        Raises:
+            OffloadError: an offloaded parameter requires grad; the message names one.
+            hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
+        """
         params = dict(pl_module.named_parameters())
         trainable = [
             name
@@ -345,28 +386,36 @@ class OffloadCallback(Callback):
         if self._record is not None and self._in_stage(trainer, stage):
             self._record.end_step()
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
         self._step_begins(trainer, "fit")
 
+    @override
     def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
         self._step_begins(trainer, "validate")
 
+    @override
     def on_validation_batch_end(self, trainer: Trainer, *args: Any) -> None:
         self._step_ends(trainer, "validate")
 
+    @override
     def on_test_batch_start(self, trainer: Trainer, *args: Any) -> None:
         self._step_begins(trainer, "test")
 
+    @override
     def on_test_batch_end(self, trainer: Trainer, *args: Any) -> None:
         self._step_ends(trainer, "test")
 
+    @override
     def on_predict_batch_start(self, trainer: Trainer, *args: Any) -> None:
         self._step_begins(trainer, "predict")
 
+    @override
     def on_predict_batch_end(self, trainer: Trainer, *args: Any) -> None:
         self._step_ends(trainer, "predict")
 
     # ---------------------------------------------------------------- logging
+    @override
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         self._step_ends(trainer, "fit")
         every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -414,20 +463,25 @@ class OffloadCallback(Callback):
             else:
                 module._ddp_params_and_buffers_to_ignore = self._ddp_ignored_before
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Not on_fit_end: Lightning calls that after the strategy's teardown has already
         # moved the module to the CPU.
         self._finish(trainer, "fit")
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, "validate")
 
+    @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, "test")
 
+    @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, "predict")
 
+    @override
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
@@ -435,10 +489,12 @@ class OffloadCallback(Callback):
         self._remove()
         self._write_summary(stats, error=_error_line(exception))
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove()
 
     # ---------------------------------------------------------------- checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The config that ran (for the record; checkpoints hold the true weights).
 
@@ -459,7 +515,38 @@ class OffloadCallback(Callback):
             "config_hash": self.config.compute_hash(),
         }
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Take the state of an OffloadCallback entry that no callback of this Trainer claims
+        when the checkpoint has none under :attr:`state_key`.
+
+        That is the entry of a run with another offload config, or of a checkpoint written
+        before the key carried the config's hash (its entry is under the bare class name).
+        Lightning passes a callback only the entry under its own key, and has already warned
+        about the unclaimed one ("Please add the following callbacks") by the time this hook
+        runs; when several entries are unclaimed, none is taken.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # Lightning passes it to load_state_dict
+        name = type(self).__qualname__
+        claimed = {callback.state_key for callback in trainer.callbacks}
+        unclaimed = [
+            key
+            for key in states
+            if isinstance(key, str)
+            and key not in claimed
+            and (key == name or key.startswith(name + "{"))
+        ]
+        if len(unclaimed) == 1:
+            self.load_state_dict(deepcopy(states[unclaimed[0]]))
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Note (at INFO, rank zero) when the checkpoint was written with another config;
+        nothing else depends on it."""
         if state_dict.get("config_hash") not in (None, self.config.compute_hash()):
             rank_zero_info(
                 "OffloadCallback: resuming with a different offload config than the checkpoint "

@@ -545,6 +545,103 @@ def test_with_nothing_offloaded_checkpoints_hold_no_callback_state(tmp_path):
     )
 
 
+def spy_on_loaded_state(callback: OffloadCallback, seen: list[dict]) -> None:
+    """Record every state handed to ``callback.load_state_dict``, which still runs."""
+    load = callback.load_state_dict
+
+    def recording(state_dict: dict) -> None:
+        seen.append(state_dict)
+        load(state_dict)
+
+    callback.load_state_dict = recording  # type: ignore[method-assign]
+
+
+def inert(callback: OffloadCallback) -> OffloadCallback:
+    """``callback`` with its offload step stubbed out. A module takes one offload at a time
+    (apply_offload refuses a second), so of two OffloadCallbacks in one Trainer only the first
+    can offload; the second still writes and reads its checkpoint entry."""
+    callback._apply = lambda trainer, pl_module: None  # type: ignore[method-assign]
+    return callback
+
+
+def test_the_state_key_carries_the_config_hash():
+    prefetch = OffloadCallback(PREFETCH)
+    assert prefetch.state_key == (
+        f"OffloadCallback{{'config_hash': '{to_offload_config(PREFETCH).compute_hash()}'}}"
+    )
+    assert prefetch.state_key != OffloadCallback(UVA).state_key
+    same = OffloadCallback(OmegaConf.create(PREFETCH), log_every_n_steps=3)
+    assert same.state_key == prefetch.state_key
+
+
+def test_two_callbacks_with_different_configs_keep_their_own_checkpoint_entries(tmp_path):
+    first, second = OffloadCallback(PREFETCH), inert(OffloadCallback(UVA))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer(first, second, checkpoints, enable_checkpointing=True).fit(module(), tokens())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert saved[first.state_key] == first.state_dict()
+    assert saved[second.state_key] == second.state_dict()
+
+    seen: dict[str, list[dict]] = {"prefetch": [], "uva": []}
+    loading = [OffloadCallback(PREFETCH), inert(OffloadCallback(UVA))]
+    for callback, name in zip(loading, seen, strict=True):
+        spy_on_loaded_state(callback, seen[name])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(*loading).validate(module(), tokens(), ckpt_path=tmp_path / "last.ckpt")
+    assert seen == {"prefetch": [first.state_dict()], "uva": [second.state_dict()]}
+    # Lightning warns about checkpoint entries that no callback claims (here ModelCheckpoint's,
+    # which the loading Trainer lacks): no OffloadCallback entry is among them.
+    unclaimed = [str(w.message) for w in caught if "add the following callbacks" in str(w.message)]
+    assert unclaimed
+    assert not [message for message in unclaimed if "OffloadCallback" in message]
+
+
+@pytest.mark.parametrize(
+    ("entry", "config"),
+    [
+        pytest.param("OffloadCallback", PREFETCH, id="old-key"),
+        pytest.param("OffloadCallback", UVA, id="old-key-other-config"),
+        pytest.param(None, UVA, id="other-config"),
+    ],
+)
+def test_an_entry_under_another_key_is_taken_and_a_changed_config_noted(
+    checkpointed, tmp_path, caplog, entry, config
+):
+    # "old-key": a checkpoint written before the state key carried the config hash, with the
+    # entry under the bare class name. "other-config": resuming with another offload config.
+    step_2 = checkpointed(PREFETCH, True) / "offload" / "step=2.ckpt"
+    written = torch.load(step_2, weights_only=False)
+    key = OffloadCallback(PREFETCH).state_key
+    state = written["callbacks"].pop(key)
+    written["callbacks"][entry or key] = state
+    torch.save(written, tmp_path / "written.ckpt")
+
+    callback, seen = OffloadCallback(config), []
+    spy_on_loaded_state(callback, seen)
+    resumed = trainer(callback, max_steps=6)
+    with caplog.at_level(logging.INFO):
+        resumed.fit(module(frozen=True), tokens(), ckpt_path=tmp_path / "written.ckpt")
+    assert resumed.global_step == 6
+    assert seen == [state]
+    noted = "resuming with a different offload config" in caplog.text
+    assert noted is (config is not PREFETCH)
+
+
+def test_every_hook_it_overrides_is_marked_override():
+    overridden = [
+        name
+        for name in vars(OffloadCallback)
+        if not name.startswith("__") and hasattr(Callback, name)
+    ]
+    assert "setup" in overridden
+    assert "state_key" in overridden
+    for name in overridden:
+        member = vars(OffloadCallback)[name]
+        function = member.fget if isinstance(member, property) else member
+        assert getattr(function, "__override__", False), name
+
+
 # --------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------
