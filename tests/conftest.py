@@ -20,7 +20,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-
 @pytest.fixture(params=["cpu", "simulated"])
 def run_on(request: pytest.FixtureRequest) -> Iterator[SimulatedDevice | None]:
     """Runs the test twice: on the CPU runtime (copies synchronous), and on the simulated

@@ -365,9 +365,7 @@ def test_a_restored_optimizer_state_is_moved_to_host_memory_where_the_step_runs(
 @pytest.mark.parametrize(
     ("config", "zero_copy"),
     [
-        pytest.param(
-            PREFETCH, None, id="prefetch"
-        ),
+        pytest.param(PREFETCH, None, id="prefetch"),
         pytest.param(UVA, False, id="uva-copy"),
     ],
 )
@@ -407,9 +405,7 @@ class WhereTheStateIs(Callback):
 @pytest.mark.parametrize(
     "config",
     [
-        pytest.param(
-            PREFETCH, id="prefetch"
-        ),
+        pytest.param(PREFETCH, id="prefetch"),
         pytest.param(UVA, id="uva-copy"),
     ],
 )

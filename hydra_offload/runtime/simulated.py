@@ -501,9 +501,9 @@ class SimulatedDevice:
         kinds = self._kind
         with self._lock:
             for reads, writes in groups:
-                touched = [
-                    (t, False) for t in reads if t.dim() > 0
-                ] + [(t, True) for t in writes if t.dim() > 0]
+                touched = [(t, False) for t in reads if t.dim() > 0] + [
+                    (t, True) for t in writes if t.dim() > 0
+                ]
                 if not touched:
                     continue
                 on_device = any(_key(t) not in kinds for t, _ in touched)
@@ -686,12 +686,13 @@ class _OpInfo:
     def __init__(self, schema: Any) -> None:
         self.name: str = schema.name
         self.arguments = [
-            (a.name, a.alias_info is not None and a.alias_info.is_write)
-            for a in schema.arguments
+            (a.name, a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments
         ]
         writes = any(written for _, written in self.arguments)
-        self.view = bool(schema.returns) and not writes and all(
-            r.alias_info is not None for r in schema.returns
+        self.view = (
+            bool(schema.returns)
+            and not writes
+            and all(r.alias_info is not None for r in schema.returns)
         )
         """It only makes views (aliases) of its inputs: no data is read or written."""
         self.fresh = [r.alias_info is None for r in schema.returns]
@@ -708,5 +709,3 @@ def _info(func: Any) -> _OpInfo:
     if info is None:
         info = _INFO[func] = _OpInfo(func._schema)
     return info
-
-
