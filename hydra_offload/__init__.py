@@ -10,6 +10,7 @@ The public API:
   touching weights (works on ``meta`` models).
 - :func:`apply_offload` -> :class:`OffloadHandle`: the plan carried out on a live model by
   the UVA or prefetch backend; ``handle.stats`` (:class:`OffloadStats`), ``handle.remove()``.
+- :func:`get_offload_handle`: the handle of the offload active on a model, or ``None``.
 - :class:`OffloadCallback`: the same for a Lightning ``Trainer``, applied at setup and removed
   at the end of each stage.
 
@@ -38,7 +39,13 @@ from hydra_offload.hydra import OffloadConfigError, to_offload_config
 
 if TYPE_CHECKING:
     from hydra_offload.lightning import OffloadCallback
-    from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
+    from hydra_offload.offload import (
+        OffloadError,
+        OffloadHandle,
+        OffloadStats,
+        apply_offload,
+        get_offload_handle,
+    )
     from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
     from hydra_offload.stacks import LayerStackError
 
@@ -50,6 +57,7 @@ _LAZY = {
     "OffloadHandle": "hydra_offload.offload",
     "OffloadStats": "hydra_offload.offload",
     "apply_offload": "hydra_offload.offload",
+    "get_offload_handle": "hydra_offload.offload",
     "OffloadPlan": "hydra_offload.plan",
     "OffloadPlanWarning": "hydra_offload.plan",
     "plan_offload": "hydra_offload.plan",
@@ -63,6 +71,7 @@ __all__ = [
     "OffloadHandle",
     "OffloadStats",
     "apply_offload",
+    "get_offload_handle",
     "OffloadBackend",
     "OffloadConfig",
     "OffloadConfigError",

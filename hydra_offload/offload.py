@@ -12,6 +12,8 @@ Example:
     True
     >>> handle.stats.stalls, handle.active
     (0, False)
+    >>> get_offload_handle(model) is None
+    True
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from hydra_offload._applied import note_applied
 from hydra_offload._warnings import warn_at_caller
+from hydra_offload.backends.base import NoOffload, OffloadBackendBase, create_backend
 from hydra_offload.config import OffloadConfig, ResolvedBackend
 from hydra_offload.errors import OffloadError
 from hydra_offload.hydra import to_offload_config
@@ -37,9 +39,10 @@ from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.device import runtime_for
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
 
-__all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload"]
+__all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload", "get_offload_handle"]
 
-# Every module of every model with an active offload, so a second apply is refused.
+# Every module of every model with an active offload, so a second apply is refused (and
+# get_offload_handle finds the handle).
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, OffloadHandle] = weakref.WeakKeyDictionary()
 
 
@@ -89,7 +92,11 @@ class OffloadStats:
 class OffloadHandle:
     """An offload applied to a model: its plan, its live statistics, and ``remove()``.
 
-    Also a context manager: leaving the ``with`` block removes the offload.
+    Also a context manager: leaving the ``with`` block removes the offload. The installed
+    backend is reached only through :class:`~hydra_offload.backends.base.OffloadBackendBase`.
+
+    Raises:
+        TypeError: ``installed`` does not implement ``OffloadBackendBase``.
     """
 
     def __init__(
@@ -97,15 +104,20 @@ class OffloadHandle:
         model: nn.Module,
         plan: OffloadPlan,
         runtime: DeviceRuntime,
-        installed: Any,
+        installed: OffloadBackendBase,
         counters: Counters,
         saved: int | None,
     ) -> None:
+        if not isinstance(installed, OffloadBackendBase):
+            raise TypeError(
+                f"an offload backend must implement OffloadBackendBase, got "
+                f"{type(installed).__name__}"
+            )
         self.plan = plan
         self.device = runtime.device
         self._runtime = runtime
         self._model_ref = weakref.ref(model)
-        self._installed = installed
+        self._installed: OffloadBackendBase | None = installed
         self._counters = counters
         self._saved = saved
         self._running: int | None = None  # the thread inside the model's forward, if any
@@ -114,7 +126,7 @@ class OffloadHandle:
             root.register_forward_pre_hook(self._enter_forward),
             root.register_forward_hook(self._leave_forward, always_call=True),
         ]
-        staged = getattr(installed, "staged", None)
+        staged = installed.staged
         self._guard = MoveGuard(model, staged.params) if staged is not None else None
         # Pickling and deep copies give the plain model with its true weights.
         self._pickling = PickleGuard(
@@ -140,9 +152,9 @@ class OffloadHandle:
             )
         self._running = me
         self._counters.forwards += 1
-        started = getattr(self._installed, "forward_started", None)
-        if started is not None:
-            started()
+        installed = self._installed
+        if installed is not None:
+            installed.forward_started()
 
     def _leave_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -161,7 +173,9 @@ class OffloadHandle:
     @property
     def stats(self) -> OffloadStats:
         """What the offload costs and has done so far (a snapshot)."""
-        c, installed = self._counters, self._installed
+        c = self._counters
+        # Once removed, the offload holds nothing: the figures of an empty backend.
+        installed = self._installed if self._installed is not None else NoOffload()
         return OffloadStats(
             backend=self.plan.backend,
             offloaded_bytes=self.plan.offloaded_bytes,
@@ -169,15 +183,15 @@ class OffloadHandle:
                 self._saved if self._saved is not None else self.plan.device_bytes_saved
             ),
             measured=self._saved is not None,
-            host_bytes=getattr(installed, "host_bytes", 0),
-            host_bytes_pinned=getattr(installed, "host_bytes_pinned", 0),
-            pool_bytes=installed.pool_bytes if installed is not None else 0,
+            host_bytes=installed.host_bytes,
+            host_bytes_pinned=installed.host_bytes_pinned,
+            pool_bytes=installed.pool_bytes,
             forwards=c.forwards,
             h2d_bytes=c.h2d_bytes,
             h2d_bytes_per_forward=c.h2d_bytes / c.forwards if c.forwards else None,
             loads=c.loads,
             stalls=c.stalls,
-            wait_ms=getattr(installed, "wait_ms", None),
+            wait_ms=installed.wait_ms,
         )
 
     def remove(self, device: torch.device | str | None = None) -> None:
@@ -272,11 +286,11 @@ def apply_offload(
                 f"({'; '.join(plan.notes) or 'empty selection'})",
                 OffloadPlanWarning,
             )
-        installed: Any = _Nothing()
+        installed = create_backend(model, plan, runtime, counters)  # NoOffload
     else:
         on_device = all(params[p.name].device == runtime.device for p in plan.params)
         before = runtime.memory_allocated()
-        installed = _install(model, plan, runtime, counters, zero_copy)
+        installed = create_backend(model, plan, runtime, counters, zero_copy=zero_copy)
         after = runtime.memory_allocated()
         if on_device and before is not None and after is not None:
             saved = before - after
@@ -287,31 +301,27 @@ def apply_offload(
     return handle
 
 
-def _install(
-    model: nn.Module,
-    plan: OffloadPlan,
-    runtime: DeviceRuntime,
-    counters: Counters,
-    zero_copy: bool | None,
-) -> Any:
-    if plan.backend == "uva":
-        from hydra_offload.backends.uva import UVAOffload
+def get_offload_handle(model: nn.Module) -> OffloadHandle | None:
+    """The handle of the offload active on ``model``, or ``None`` when it has none.
 
-        return UVAOffload(model, plan, runtime, counters, zero_copy=zero_copy)
-    from hydra_offload.backends.prefetch import PrefetchOffload
+    An offload applied to a model containing ``model`` counts too: each module has at most
+    one active offload (docs/spec.md §6.2). A removed offload is forgotten at once.
 
-    return PrefetchOffload(model, plan, runtime, counters)
-
-
-class _Nothing:
-    """The installed offload of an empty plan."""
-
-    pool_bytes = 0
-    staged = None
-    hooks: tuple[RemovableHandle, ...] = ()
-
-    def remove(self, device: torch.device | None = None) -> None:
-        return None
+    Example:
+        >>> import torch
+        >>> from hydra_offload import apply_offload, get_offload_handle
+        >>> from hydra_offload.models import DecoderLM
+        >>> model = DecoderLM(num_layers=4).eval()
+        >>> get_offload_handle(model) is None
+        True
+        >>> handle = apply_offload(model, {"prefetch": {"offload_group_size": 2}})
+        >>> get_offload_handle(model) is handle, get_offload_handle(model.layers[1]) is handle
+        (True, True)
+        >>> handle.remove()
+        >>> get_offload_handle(model) is None
+        True
+    """
+    return _ACTIVE.get(model)
 
 
 # Attributes other offloading libraries leave on the modules they manage.

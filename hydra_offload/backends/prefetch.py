@@ -5,7 +5,8 @@ layer computes. Per layer stack, a ring walks the offloaded layers: when offload
 finishes, the copy of offloaded layer ``(j + step) mod n`` into the slots ``j`` just used is
 queued on the copy stream, after an event that marks the end of ``j``'s compute. Before a
 layer computes, the compute stream waits (on the device, never on the host) for the event
-that ends that layer's copy.
+that ends that layer's copy. Who loads into which slots after whom is the plan's ring schedule
+(:mod:`hydra_offload.schedule`), which the step-time simulator reads too.
 
 Every slot records which layer it holds. A layer whose slots hold anything else when it is
 called (layers skipped, called twice, out of order, after a forward that raised) loads its
@@ -57,12 +58,14 @@ from torch.optim.optimizer import (
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
+from hydra_offload.backends.base import OffloadBackendBase
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
 from hydra_offload.runtime.timing import WaitTimer
+from hydra_offload.schedule import RingSchedule, schedules_of
 
 __all__ = ["PrefetchOffload"]
 
@@ -114,22 +117,30 @@ class _Layer:
 class _Ring:
     """The offloaded layers of one stack, in stack order, and their prefetch schedule.
 
-    Layer ``j`` uses slot position ``j % step`` (see the plan), so the next user of the
-    slots ``j`` frees is offloaded layer ``j + step``, wrapping around at the end of the
-    stack: the copy for the next forward starts during this one. Backward walks the ring the
-    other way: when layer ``j``'s backward is done, layer ``j - step`` is copied into its
+    The schedule is the plan's :class:`~hydra_offload.schedule.RingSchedule` (the one the
+    step-time simulator reads): layer ``j`` uses slot position ``j % step``, so the next user
+    of the slots ``j`` frees is offloaded layer ``j + step``, wrapping around at the end of
+    the stack: the copy for the next forward starts during this one. Backward walks the ring
+    the other way: when layer ``j``'s backward is done, layer ``j - step`` is copied into its
     slots.
     """
 
     def __init__(
         self,
         layers: list[_Layer],
+        schedule: RingSchedule,
         runtime: DeviceRuntime,
         copy_stream: Any,
         counters: Counters,
         backend: PrefetchOffload,
     ) -> None:
+        if len(schedule.layers) != len(layers) or any(
+            len(layer.slots) != len(slots)
+            for layer, slots in zip(layers, schedule.slots, strict=True)
+        ):
+            raise ValueError("the layers do not match their schedule")
         self.layers = layers
+        self.schedule = schedule
         self.timer = WaitTimer(runtime)
         self.ring_id = ops.register_ring(self)
         self.runtime = runtime
@@ -138,24 +149,9 @@ class _Ring:
         self.backend: PrefetchOffload | None = backend
         self.deferred: list[_Layer] = []
         """Wrap-around loads held back at the end of a recorded forward."""
-        users: dict[int, list[int]] = defaultdict(list)
         for position, layer in enumerate(layers):
-            for slot in layer.slots:
-                users[id(slot)].append(position)
-        for position, layer in enumerate(layers):
-            following: list[_Layer] = []
-            preceding: list[_Layer] = []
-            for slot in layer.slots:
-                order = users[id(slot)]
-                here = order.index(position)
-                nxt = layers[order[(here + 1) % len(order)]]
-                prev = layers[order[here - 1]]
-                if nxt is not layer and nxt not in following:
-                    following.append(nxt)
-                if prev is not layer and prev not in preceding:
-                    preceding.append(prev)
-            layer.next_users = following
-            layer.prev_users = preceding
+            layer.next_users = [layers[p] for p in schedule.next_users[position]]
+            layer.prev_users = [layers[p] for p in schedule.prev_users[position]]
 
     @staticmethod
     def holds(layer: _Layer) -> bool:
@@ -358,8 +354,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
-class PrefetchOffload:
-    """The installed prefetch offload of one model (see :func:`hydra_offload.apply_offload`)."""
+class PrefetchOffload(OffloadBackendBase):
+    """The installed prefetch offload of one model (see :func:`hydra_offload.apply_offload`).
+
+    Implements :class:`~hydra_offload.backends.base.OffloadBackendBase`.
+    """
 
     def __init__(
         self, model: nn.Module, plan: OffloadPlan, runtime: DeviceRuntime, counters: Counters
@@ -372,7 +371,7 @@ class PrefetchOffload:
         self.grads: HostGradients | None = None
         params = dict(model.named_parameters())
         offloaded = [(p.name, params[p.name]) for p in plan.params]
-        self.staged: Staged = stage_to_host(offloaded, runtime)
+        self._staged: Staged = stage_to_host(offloaded, runtime)
         if runtime.is_cuda and not all(e.host.is_pinned() for e in self.staged.params):
             self.staged.storage.free()
             raise RuntimeError("host storage is not page-locked: async copies would be unsafe")
@@ -402,7 +401,7 @@ class PrefetchOffload:
         copy_stream = self.copy_stream = self.runtime.new_stream()
         # The pool's memory may have been used by compute just before; copies go after it.
         copy_stream.wait_stream(self.runtime.current_stream())
-        for stack_plan in plan.stacks:
+        for stack_plan, schedule in zip(plan.stacks, schedules_of(plan), strict=True):
             stack = model.get_submodule(stack_plan.path) if stack_plan.path else model
             layers = []
             for position, index in enumerate(stack_plan.offloaded_layers):
@@ -415,7 +414,7 @@ class PrefetchOffload:
                     staged.param.data = slot.tensor
                     layer.params.append(_Param(staged.param, slot.tensor, staged.host, layer))
                 layers.append(layer)
-            ring = _Ring(layers, self.runtime, copy_stream, self.counters, self)
+            ring = _Ring(layers, schedule, self.runtime, copy_stream, self.counters, self)
             self.rings.append(ring)
             for position, index in enumerate(stack_plan.offloaded_layers):
                 module = stack[index]
@@ -561,6 +560,11 @@ class PrefetchOffload:
         ring.invalidate(layer)
 
     @property
+    def staged(self) -> Staged:
+        """The offloaded parameters and the host storage of their true weights."""
+        return self._staged
+
+    @property
     def hooks(self) -> list[RemovableHandle]:
         """The handles of every hook this offload registered (on modules, parameters and
         optimizers)."""
@@ -575,6 +579,7 @@ class PrefetchOffload:
 
     @property
     def pool_bytes(self) -> int:
+        """Bytes of the device buffer pool (0 once it is released)."""
         return self.pool.nbytes if hasattr(self, "pool") else 0
 
     @property
@@ -585,10 +590,13 @@ class PrefetchOffload:
 
     @property
     def host_bytes_pinned(self) -> int:
+        """Of :attr:`host_bytes`, the page-locked bytes (0 on the CPU)."""
         grads = self.grads.pinned_bytes if self.grads is not None else 0
         return self.staged.storage.pinned_bytes + grads
 
     def remove(self, device: torch.device | None = None) -> None:
+        """Restore the offloaded parameters (onto ``device``, or where each lived) with
+        their gradients and optimizer state; release the pool and host memory."""
         self._uninstall(restore_params=True, device=device)
 
     def _uninstall(self, *, restore_params: bool, device: torch.device | None = None) -> None:

@@ -35,6 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload._warnings import warn_at_caller
+from hydra_offload.backends.base import OffloadBackendBase
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
@@ -47,10 +48,12 @@ __all__ = ["UVAMode", "UVAOffload"]
 UVAMode = Literal["zero_copy", "host", "copy"]
 
 
-class UVAOffload:
-    """The installed UVA offload of one model (see :func:`hydra_offload.apply_offload`)."""
+class UVAOffload(OffloadBackendBase):
+    """The installed UVA offload of one model (see :func:`hydra_offload.apply_offload`).
 
-    pool_bytes = 0
+    Implements :class:`~hydra_offload.backends.base.OffloadBackendBase`; it allocates no
+    device pool and does not time copies.
+    """
 
     def __init__(
         self,
@@ -72,7 +75,7 @@ class UVAOffload:
         self.mode: UVAMode = _choose_mode(runtime, zero_copy)
         params = dict(model.named_parameters())
         offloaded = [(p.name, params[p.name]) for p in plan.params]
-        self.staged: Staged = stage_to_host(offloaded, runtime)
+        self._staged: Staged = stage_to_host(offloaded, runtime)
         try:
             views = self._zero_copy_views(zero_copy) if self.mode == "zero_copy" else None
             if views is not None:
@@ -202,6 +205,25 @@ class UVAOffload:
             optimizer_state_to(optimizer, stepping, runtime.to_host, runtime.in_host_memory)
 
     @property
+    def staged(self) -> Staged:
+        """The offloaded parameters and the host storage of their true weights."""
+        return self._staged
+
+    @property
+    def pool_bytes(self) -> int:
+        """0: kernels read host memory (or per-module copies), there is no device pool."""
+        return 0
+
+    @property
+    def wait_ms(self) -> None:
+        """``None``: UVA does not time its copies."""
+        return None
+
+    def forward_started(self) -> None:
+        """Nothing to do as a forward starts: each module fetches its own weights."""
+        return None
+
+    @property
     def hooks(self) -> list[RemovableHandle]:
         """The handles of every hook this offload registered (on modules, parameters and
         optimizers)."""
@@ -216,11 +238,14 @@ class UVAOffload:
 
     @property
     def host_bytes_pinned(self) -> int:
+        """Of :attr:`host_bytes`, the page-locked bytes (0 on the CPU)."""
         extra = [s for s in (self._grad_storage,) if s is not None]
         grads = self.grads.pinned_bytes if self.grads is not None else 0
         return self.staged.storage.pinned_bytes + grads + sum(s.pinned_bytes for s in extra)
 
     def remove(self, device: torch.device | None = None) -> None:
+        """Restore the offloaded parameters (onto ``device``, or where each lived) with
+        their gradients and optimizer state, and release host memory."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
