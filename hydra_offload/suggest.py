@@ -8,7 +8,9 @@ device budget and returns the fastest as a :class:`Suggestion`, with the Hydra o
 select it. Both are pure: they plan with :func:`~hydra_offload.plan.plan_offload`, so a model
 built on the ``meta`` device is enough, and no device is needed.
 
-The model of the runtime (``backends/prefetch.py``) is a timeline of two streams:
+The model of the runtime (``backends/prefetch.py``) is a timeline of two streams, driven by
+the ring schedule the runtime itself reads (:mod:`hydra_offload.schedule`: who loads into
+which slots, and when):
 
 - **Compute** runs the layers of each stack one after another, each taking its
   ``layer_seconds``; ``other_seconds`` (embeddings, head: compute outside the stacks) is added
@@ -70,6 +72,7 @@ from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 from hydra_offload.config import OffloadConfig, PrefetchOffloadConfig
+from hydra_offload.schedule import RingSchedule, ring_schedule, schedules_of, slots_by_step
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -101,92 +104,15 @@ _TIE = 0.01
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Ring:
-    """One stack as the simulation sees it (mirrors ``_Ring`` in ``backends/prefetch.py``).
-
-    Slots that always have the same users in the same order always hold the same layer, so
-    they are merged into one *group*: a layer usually has one group, whatever its parameter
-    count.
-    """
-
-    num_layers: int
-    position: tuple[int, ...]
-    """Per layer of the stack: its position among the offloaded layers, or -1."""
-    copy_bytes: tuple[int, ...]
-    """Per offloaded layer: the bytes its copy moves."""
-    groups: tuple[tuple[int, ...], ...]
-    """Per offloaded layer: the slot groups it uses."""
-    next_users: tuple[tuple[int, ...], ...]
-    """Per offloaded layer: whom to prefetch into its slots once it is done, in queue order."""
-    num_groups: int
-
-
-def _make_ring(
-    num_layers: int,
-    offloaded: Sequence[int],
-    slots: Sequence[Sequence[Hashable]],
-    copy_bytes: Sequence[int],
-) -> _Ring:
-    """Build a ring from each offloaded layer's slot identities, in stack order."""
-    users: dict[Hashable, list[int]] = {}
-    for pos, ids in enumerate(slots):
-        for sid in ids:
-            users.setdefault(sid, []).append(pos)
-    group_ids: dict[tuple[int, ...], int] = {}
-    groups: list[tuple[int, ...]] = []
-    for ids in slots:
-        mine: list[int] = []
-        for sid in ids:
-            gid = group_ids.setdefault(tuple(users[sid]), len(group_ids))
-            if gid not in mine:
-                mine.append(gid)
-        groups.append(tuple(mine))
-    order_of = {gid: order for order, gid in group_ids.items()}
-    next_users: list[tuple[int, ...]] = []
-    for pos, used in enumerate(groups):
-        following: list[int] = []
-        for gid in used:
-            order = order_of[gid]
-            nxt = order[(order.index(pos) + 1) % len(order)]
-            if nxt != pos and nxt not in following:
-                following.append(nxt)
-        next_users.append(tuple(following))
-    position = [-1] * num_layers
-    for pos, index in enumerate(offloaded):
-        position[index] = pos
-    return _Ring(
-        num_layers=num_layers,
-        position=tuple(position),
-        copy_bytes=tuple(copy_bytes),
-        groups=tuple(groups),
-        next_users=tuple(next_users),
-        num_groups=len(group_ids),
-    )
-
-
-def _rings_of_plan(plan: OffloadPlan) -> list[_Ring]:
-    by_layer: dict[tuple[str | None, int | None], list[Any]] = {}
-    for p in plan.params:
-        by_layer.setdefault((p.stack, p.layer), []).append(p)
-    rings = []
-    for stack in plan.stacks:
-        params = [by_layer.get((stack.path, index), []) for index in stack.offloaded_layers]
-        rings.append(
-            _make_ring(
-                stack.num_layers,
-                stack.offloaded_layers,
-                [[(p.slot_key, p.slot) for p in ps] for ps in params],
-                [sum(p.nbytes for p in ps) for ps in params],
-            )
-        )
-    return rings
+def _rings_of_plan(plan: OffloadPlan) -> tuple[RingSchedule, ...]:
+    """The plan's ring schedules: the very objects the runtime installs from."""
+    return schedules_of(plan)
 
 
 class _Timeline:
     """The two streams and every ring's slot state while forwards run."""
 
-    def __init__(self, rings: Sequence[_Ring], bandwidth: float) -> None:
+    def __init__(self, rings: Sequence[RingSchedule], bandwidth: float) -> None:
         self.rings = rings
         self.copy_seconds = [[b / bandwidth for b in ring.copy_bytes] for ring in rings]
         self.owner = [[-1] * ring.num_groups for ring in rings]
@@ -197,10 +123,9 @@ class _Timeline:
         self.now = 0.0
         for r, ring in enumerate(rings):  # the preload: ready before the first forward
             owner = self.owner[r]
-            for pos, groups in enumerate(ring.groups):
-                if all(owner[g] == -1 for g in groups):
-                    for g in groups:
-                        owner[g] = pos
+            for pos in ring.preload:
+                for g in ring.groups[pos]:
+                    owner[g] = pos
 
     def _load(self, r: int, pos: int) -> None:
         groups = self.rings[r].groups[pos]
@@ -261,7 +186,7 @@ def _serial_sum(other_seconds: float, seconds: Sequence[Sequence[float]]) -> flo
 
 
 def _run(
-    rings: Sequence[_Ring],
+    rings: Sequence[RingSchedule],
     seconds: Sequence[Sequence[float]],
     *,
     bandwidth: float,
@@ -462,7 +387,7 @@ class Suggestion:
         """The suggestion as a two-column rich table (the style of the plan's table)."""
         from rich.table import Table
 
-        from hydra_offload._render import format_bytes
+        from hydra_offload._format import format_bytes
 
         if self.offload_needed:
             p = self.config.prefetch
@@ -552,11 +477,12 @@ class _Stack:
         last = copied[-1].index if copied else -1
         return pool, sum(layer.nbytes for layer in copied), last
 
-    def ring(self, chosen: Sequence[_Layer], step: int) -> _Ring:
-        return _make_ring(
+    def ring(self, chosen: Sequence[_Layer], step: int) -> RingSchedule:
+        """The schedule the plan of this setting would give the stack (without planning)."""
+        return ring_schedule(
             self.num_layers,
             [layer.index for layer in chosen],
-            [[(key, j % step) for key in layer.keys] for j, layer in enumerate(chosen)],
+            slots_by_step([layer.keys for layer in chosen], step),
             [layer.nbytes for layer in chosen],
         )
 
