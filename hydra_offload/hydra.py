@@ -5,7 +5,9 @@ The package's search-path plugin, which Hydra imports before composing any app's
 registers two hidden configs in Hydra's ``ConfigStore`` (at its root, so neither is an option
 of the group nor a group of its own):
 
-- ``hydra_offload_schema``: the schema. The group files shipped in
+- ``hydra_offload_schema``: the schema, dataclasses generated from the pydantic models of
+  :mod:`hydra_offload.config` (same keys, same defaults), so the two cannot drift apart
+  (``tests/test_schema_parity.py`` checks it). The group files shipped in
   ``hydra_offload/conf/offload/`` extend it (``defaults: [/hydra_offload_schema, ...]``), so a
   command-line override with the wrong type fails at compose time, naming the key. An unknown
   key passes composition (Hydra's own refusal would suggest forcing it in with ``+``) and is
@@ -30,16 +32,25 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import field, fields, is_dataclass, make_dataclass
 from enum import Enum
-from typing import Any
+from functools import partial
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from pydantic import BaseModel, ValidationError
 
-from hydra_offload.config import OffloadConfig
+from hydra_offload.config import (
+    OffloadBackend,
+    OffloadConfig,
+    PrefetchOffloadConfig,
+    UVAOffloadConfig,
+)
 
 __all__ = [
     "OffloadBackendName",
@@ -67,45 +78,117 @@ CALLBACK_KEY = "hydra_offload"
 PROVIDER = "hydra-offload"
 
 
-class OffloadBackendName(str, Enum):
+def _schema_enum(name: str, literal: Any, doc: str) -> type[Enum]:
+    """A ``str`` Enum whose members are the values of ``literal``, in its order."""
+    values = get_args(literal)
+    enum = Enum(name, [(value, value) for value in values], type=str, module=__name__)
+    enum.__doc__ = doc
+    return enum
+
+
+OffloadBackendName = _schema_enum(
+    "OffloadBackendName",
+    OffloadBackend,
     """The ``offload_backend`` values, as an Enum so OmegaConf checks overrides at compose
-    time and lists the allowed values when one is wrong."""
+    time and lists the allowed values when one is wrong. Made from
+    :data:`~hydra_offload.config.OffloadBackend`.""",
+)
 
-    auto = "auto"
-    uva = "uva"
-    prefetch = "prefetch"
+# The Enum standing for each ``Literal`` of the pydantic models, keyed by its values. A new
+# Literal field needs its Enum here (bound at module level, so pickles can find it).
+_SCHEMA_ENUMS: dict[tuple[Any, ...], type[Enum]] = {get_args(OffloadBackend): OffloadBackendName}
 
-
-@dataclass
-class UVAOffloadSchema:
-    """Compose-time types of ``offload.uva`` (see :class:`UVAOffloadConfig` for meaning)."""
-
-    cpu_offload_gb: float = 0.0
-    cpu_offload_params: list[str] = field(default_factory=list)
+_SCHEMAS: dict[type[BaseModel], type] = {}
+_PRIMITIVES = (bool, int, float, str)
+_SEQUENCES = (list, tuple, set, frozenset, Sequence, AbstractSet)
 
 
-@dataclass
-class PrefetchOffloadSchema:
-    """Compose-time types of ``offload.prefetch`` (see :class:`PrefetchOffloadConfig`)."""
+def _schema_of(model: type[BaseModel]) -> type:
+    """The structured-config dataclass of ``model``: one field per pydantic field, with the
+    type OmegaConf checks while composing and the same default.
 
-    offload_group_size: int = 0
-    offload_num_in_group: int = 1
-    offload_prefetch_step: int = 1
-    offload_params: list[str] = field(default_factory=list)
-
-
-@dataclass
-class OffloadSchema:
-    """Compose-time types of the ``offload`` node (see :class:`OffloadConfig`).
-
-    ``layers`` is typed ``Any`` because OmegaConf has no union of a string and a list; its
-    value is checked by :func:`to_offload_config`.
+    The dataclasses are generated, not written out, so the Hydra schema cannot drift from
+    :mod:`hydra_offload.config`; the value rules (bounds, segment names, cross-field rules)
+    stay with the pydantic models, which :func:`to_offload_config` applies.
     """
+    if model in _SCHEMAS:
+        return _SCHEMAS[model]
+    specs = []
+    for name, info in model.model_fields.items():
+        kind = _schema_type(info.annotation, f"{model.__name__}.{name}")
+        if info.is_required():
+            spec = field(default=MISSING)
+        else:
+            default = _schema_value(info.get_default(call_default_factory=True), kind)
+            if isinstance(default, (list, dict)) or is_dataclass(default):
+                spec = field(default_factory=partial(copy.deepcopy, default))
+            else:
+                spec = field(default=default)
+        specs.append((name, kind, spec))
+    schema = make_dataclass(model.__name__.removesuffix("Config") + "Schema", specs)
+    schema.__module__ = __name__
+    schema.__doc__ = (
+        f"Compose-time types and defaults of :class:`~{model.__module__}.{model.__name__}`, "
+        "generated from its fields."
+    )
+    _SCHEMAS[model] = schema
+    return schema
 
-    offload_backend: OffloadBackendName = OffloadBackendName.auto
-    uva: UVAOffloadSchema = field(default_factory=UVAOffloadSchema)
-    prefetch: PrefetchOffloadSchema = field(default_factory=PrefetchOffloadSchema)
-    layers: Any = None
+
+def _schema_type(annotation: Any, where: str) -> Any:
+    """The type OmegaConf structured configs accept for a pydantic field's annotation."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _schema_type(args[0], where)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return _schema_of(annotation)
+    if annotation in _PRIMITIVES or annotation is Any:
+        return annotation
+    if origin is Literal:
+        if args not in _SCHEMA_ENUMS:
+            raise TypeError(f"{where}: no Enum for {annotation}; add one to _SCHEMA_ENUMS")
+        return _SCHEMA_ENUMS[args]
+    if origin in _SEQUENCES:
+        items = [arg for arg in args if arg is not Ellipsis]
+        if len(items) == 1 and items[0] in _PRIMITIVES:
+            return list[items[0]]  # type: ignore[valid-type]
+    if origin in (Union, UnionType):
+        arms = [arg for arg in args if arg is not type(None)]
+        if len(arms) == 1:  # X | None
+            inner = _schema_type(arms[0], where)
+            return inner if inner is Any else inner | None
+        # OmegaConf has no union of a string and a list: the value is checked by
+        # to_offload_config.
+        return Any
+    raise TypeError(f"{where}: no OmegaConf type for {annotation}; extend _schema_type")
+
+
+def _schema_value(value: Any, kind: Any) -> Any:
+    """A pydantic default as the schema's default: sets and tuples become sorted or plain
+    lists, nested models dataclass instances, Literal strings Enum members."""
+    if isinstance(value, BaseModel):
+        schema = _schema_of(type(value))
+        kinds = {spec.name: spec.type for spec in fields(schema)}
+        return schema(**{name: _schema_value(getattr(value, name), kinds[name]) for name in kinds})
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(kind, type) and issubclass(kind, Enum) and value is not None:
+        return kind(value)
+    return value
+
+
+UVAOffloadSchema = _schema_of(UVAOffloadConfig)
+"""Compose-time types of ``offload.uva`` (see :class:`UVAOffloadConfig` for meaning)."""
+
+PrefetchOffloadSchema = _schema_of(PrefetchOffloadConfig)
+"""Compose-time types of ``offload.prefetch`` (see :class:`PrefetchOffloadConfig`)."""
+
+OffloadSchema = _schema_of(OffloadConfig)
+"""Compose-time types of the ``offload`` node (see :class:`OffloadConfig`). ``layers`` is
+typed ``Any`` because OmegaConf has no union of a string and a list; its value is checked by
+:func:`to_offload_config`."""
 
 
 def register_configs() -> None:
