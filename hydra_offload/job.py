@@ -34,7 +34,6 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_offload._applied import note_applied
-from hydra_offload._render import format_bytes, render_stats
 from hydra_offload.config import OffloadConfig
 from hydra_offload.hydra import OffloadConfigError, to_offload_config
 from hydra_offload.lightning import OffloadCallback
@@ -42,6 +41,7 @@ from hydra_offload.measure import copy_bandwidth, time_calls
 from hydra_offload.models import LitDecoderLM, random_tokens
 from hydra_offload.offload import OffloadError
 from hydra_offload.plan import plan_offload
+from hydra_offload.render import format_bytes, render_plan, render_stats
 from hydra_offload.stacks import LayerStackError
 from hydra_offload.suggest import Suggestion, suggest_prefetch
 from hydra_offload.sweep import write_job_summary
@@ -414,7 +414,7 @@ def _plan_only(cfg: DictConfig, offload: OffloadConfig, console: Console) -> dic
         plan = plan_offload(model, offload)
     except LayerStackError as err:
         fail(str(err))
-    console.print(plan)
+    console.print(render_plan(plan))
     note_applied()  # planning only is what a dry run asks for: not a forgotten callback
     return {"backend": plan.backend, "device_bytes_saved": plan.device_bytes_saved}
 

@@ -21,14 +21,15 @@ Example:
 
 from __future__ import annotations
 
-import io
+import textwrap
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from hydra_offload._format import format_bytes, format_indices
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, ResolvedBackend
 from hydra_offload.selection import matches_any, unmatched_patterns
@@ -41,13 +42,11 @@ from hydra_offload.stacks import (
     find_layer_stacks,
 )
 
-if TYPE_CHECKING:
-    from rich.console import RenderableType
-
 __all__ = [
     "MIN_SAVED_FRACTION",
     "OffloadPlan",
     "OffloadPlanWarning",
+    "PlanDescription",
     "PlannedParam",
     "PoolSlot",
     "StackPlan",
@@ -179,19 +178,122 @@ class OffloadPlan:
         """Parameter bytes no longer resident on the device: offloaded bytes minus the pool."""
         return self.offloaded_bytes - self.pool_bytes
 
+    def describe(self) -> PlanDescription:
+        """The plan as labelled text: what :meth:`summary` prints and the rich table of
+        :func:`hydra_offload.render.render_plan` shows, from one source.
+
+        Example:
+            >>> import torch
+            >>> from hydra_offload import plan_offload
+            >>> plan = plan_offload(torch.nn.Linear(4, 4), {"uva": {"cpu_offload_gb": 1}})
+            >>> plan.describe().rows[0]
+            ('backend', 'uva')
+        """
+        rows: list[tuple[str, str]] = [("backend", self.backend)]
+        if self.backend == "uva" and self.budget_bytes is not None:
+            rows.append(("budget (cpu_offload_gb)", format_bytes(self.budget_bytes)))
+        for stack in self.stacks:
+            label = stack.path or "<root>"
+            rows.append(
+                (
+                    f"layer stack {label!r}",
+                    f"{len(stack.offloaded_layers)} of {stack.num_layers} layers offloaded: "
+                    f"{format_indices(stack.offloaded_layers)}",
+                )
+            )
+        total = self.total_param_bytes
+        rows.append(("parameters offloaded", f"{len(self.params):,}"))
+        rows.append(
+            (
+                "bytes in host memory",
+                format_bytes(self.offloaded_bytes) + _share(self.offloaded_bytes, total),
+            )
+        )
+        if self.backend == "prefetch":
+            rows.append(("device buffer pool", format_bytes(self.pool_bytes)))
+        rows.append(
+            (
+                "device bytes saved",
+                format_bytes(self.device_bytes_saved) + _share(self.device_bytes_saved, total),
+            )
+        )
+        rows.append(("model parameter bytes", format_bytes(total)))
+        candidates = tuple(
+            (
+                c.display_path,
+                c.class_share,
+                f"{c.param_bytes:,}",
+                ("chosen: " if c.chosen else "rejected: ") + c.reason,
+            )
+            for c in self.candidates
+        )
+        return PlanDescription(
+            title=f"Offload plan: {self.backend}  (config {self.config_hash[:12]})",
+            rows=tuple(rows),
+            candidates=candidates,
+            notes=self.notes,
+        )
+
     def summary(self, width: int = 100) -> str:
-        """The plan as the text table users see (what ``run.py`` prints)."""
-        from rich.console import Console
+        """The plan as plain text (what the Lightning callback logs and writes to
+        ``offload_plan.txt``); notes are wrapped at ``width`` columns.
 
-        buffer = io.StringIO()
-        console = Console(file=buffer, width=width, no_color=True, highlight=False)
-        console.print(self.__rich__())
-        return buffer.getvalue()
+        Example:
+            >>> import torch
+            >>> from hydra_offload import plan_offload
+            >>> print(plan_offload(torch.nn.Linear(4, 4), {}).summary(), end="")
+            Offload plan: none  (config ...)
+              backend                none
+              parameters offloaded   0
+              bytes in host memory   0 B = 0.0% of the model
+              device bytes saved     0 B = 0.0% of the model
+              model parameter bytes  80 B
+        """
+        return self.describe().text(width)
 
-    def __rich__(self) -> RenderableType:
-        from hydra_offload._render import render_plan
 
-        return render_plan(self)
+@dataclass(frozen=True)
+class PlanDescription:
+    """An :class:`OffloadPlan` as labelled text, for any renderer (plain text, rich)."""
+
+    title: str
+    rows: tuple[tuple[str, str], ...]
+    """``(what, value)`` pairs, in display order."""
+    candidates: tuple[tuple[str, str, str, str], ...]
+    """Layer stack auto-detection: one row per candidate, under :attr:`CANDIDATE_COLUMNS`."""
+    notes: tuple[str, ...]
+
+    CANDIDATE_COLUMNS: ClassVar[tuple[str, str, str, str]] = (
+        "module list",
+        "layer class",
+        "parameter bytes",
+        "decision",
+    )
+    CANDIDATES_TITLE: ClassVar[str] = "Layer stack auto-detection"
+
+    def text(self, width: int = 100) -> str:
+        """Aligned plain-text columns; notes wrapped at ``width``."""
+        lines = [self.title]
+        label = max(len(what) for what, _ in self.rows)
+        lines += [f"  {what:<{label}}  {value}" for what, value in self.rows]
+        if self.candidates:
+            lines += ["", self.CANDIDATES_TITLE]
+            table = [self.CANDIDATE_COLUMNS, *self.candidates]
+            widths = [max(len(row[i]) for row in table) for i in range(3)]
+            lines += [
+                "  "
+                + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
+                + "  "
+                + row[3]
+                for row in table
+            ]
+        for note in self.notes:
+            lines += textwrap.wrap(f"note: {note}", width=max(width, 20), subsequent_indent="  ")
+        return "\n".join(lines) + "\n"
+
+
+def _share(part: int, whole: int) -> str:
+    return f" = {100 * part / whole:.1f}% of the model" if whole else ""
 
 
 def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:

@@ -1,4 +1,19 @@
-"""Rich renderings of plans: the tables ``run.py`` and the Lightning callback show."""
+"""Rich renderings of plans and statistics: the tables ``run.py`` prints.
+
+The outermost layer of the package: it reads plans (:mod:`hydra_offload.plan`) and statistics
+(:mod:`hydra_offload.stats`); nothing in the core imports it.
+
+Example:
+    >>> import torch
+    >>> from rich.console import Console
+    >>> from hydra_offload import plan_offload
+    >>> from hydra_offload.render import render_plan
+    >>> Console(width=60).print(render_plan(plan_offload(torch.nn.Linear(4, 4), {})))
+    Offload plan: none  (config ...
+    ┌───────────────────────┬─────────────────────────┐
+    │ backend               │ none                    │
+    ...
+"""
 
 from __future__ import annotations
 
@@ -8,96 +23,34 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from hydra_offload._format import format_bytes, format_indices
+
 if TYPE_CHECKING:
-    from hydra_offload.offload import OffloadStats
     from hydra_offload.plan import OffloadPlan
+    from hydra_offload.stats import OffloadStats
 
 __all__ = ["format_bytes", "format_indices", "render_plan", "render_stats"]
 
 
-def format_bytes(n: int) -> str:
-    """``1.50 GiB (1,610,612,736 B)``: a readable size and the exact count."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            readable = f"{n:,} B" if unit == "B" else f"{size:.2f} {unit} ({n:,} B)"
-            return readable
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_indices(indices: tuple[int, ...], limit: int = 16) -> str:
-    """``0-3, 6, 7, 14, 15``: runs of three or more collapse; long lists are cut."""
-    if not indices:
-        return "none"
-    parts: list[str] = []
-    start = prev = indices[0]
-    for i in (*indices[1:], None):
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        if prev - start >= 2:
-            parts.append(f"{start}-{prev}")
-        else:
-            parts.extend(str(x) for x in range(start, prev + 1))
-        if i is not None:
-            start = prev = i
-    if len(parts) > limit:
-        parts = [*parts[:limit], f"... ({len(indices)} layers)"]
-    return ", ".join(parts)
-
-
-def _share(part: int, whole: int) -> str:
-    return f" = {100 * part / whole:.1f}% of the model" if whole else ""
-
-
 def render_plan(plan: OffloadPlan) -> RenderableType:
-    """The plan as rich renderables: a summary table, the candidates, the notes."""
-    table = Table(
-        title=f"Offload plan: {plan.backend}  (config {plan.config_hash[:12]})",
-        show_header=False,
-        title_justify="left",
-    )
+    """The plan as rich renderables: a summary table, the candidates, the notes (the same
+    text as :meth:`~hydra_offload.plan.OffloadPlan.summary`, from
+    :meth:`~hydra_offload.plan.OffloadPlan.describe`)."""
+    description = plan.describe()
+    table = Table(title=description.title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
-    table.add_row("backend", plan.backend)
-    if plan.backend == "uva" and plan.budget_bytes is not None:
-        table.add_row("budget (cpu_offload_gb)", format_bytes(plan.budget_bytes))
-    for stack in plan.stacks:
-        label = stack.path or "<root>"
-        table.add_row(
-            f"layer stack {label!r}",
-            f"{len(stack.offloaded_layers)} of {stack.num_layers} layers offloaded: "
-            f"{format_indices(stack.offloaded_layers)}",
-        )
-    table.add_row("parameters offloaded", f"{len(plan.params):,}")
-    table.add_row(
-        "bytes in host memory",
-        format_bytes(plan.offloaded_bytes) + _share(plan.offloaded_bytes, plan.total_param_bytes),
-    )
-    if plan.backend == "prefetch":
-        table.add_row("device buffer pool", format_bytes(plan.pool_bytes))
-    table.add_row(
-        "device bytes saved",
-        format_bytes(plan.device_bytes_saved)
-        + _share(plan.device_bytes_saved, plan.total_param_bytes),
-    )
-    table.add_row("model parameter bytes", format_bytes(plan.total_param_bytes))
+    for what, value in description.rows:
+        table.add_row(what, value)
     parts: list[RenderableType] = [table]
-    if plan.candidates:
-        candidates = Table(title="Layer stack auto-detection", title_justify="left")
-        for column in ("module list", "layer class", "parameter bytes", "decision"):
+    if description.candidates:
+        candidates = Table(title=description.CANDIDATES_TITLE, title_justify="left")
+        for column in description.CANDIDATE_COLUMNS:
             candidates.add_column(column)
-        for c in plan.candidates:
-            candidates.add_row(
-                c.display_path,
-                c.class_share,
-                f"{c.param_bytes:,}",
-                ("chosen: " if c.chosen else "rejected: ") + c.reason,
-            )
+        for row in description.candidates:
+            candidates.add_row(*row)
         parts.append(candidates)
-    for note in plan.notes:
-        parts.append(Text(f"note: {note}"))
+    parts.extend(Text(f"note: {note}") for note in description.notes)
     return Group(*parts)
 
 
