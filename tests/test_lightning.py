@@ -33,10 +33,10 @@ from hydra_offload import (
     apply_offload,
     to_offload_config,
 )
-from hydra_offload.lightning import PLAN_FILE
+from hydra_offload.integrations.lightning import PLAN_FILE
+from hydra_offload.integrations.sweep import COLUMNS
 from hydra_offload.models import DecoderLM, LitDecoderLM, random_tokens
 from hydra_offload.runtime.host import ALIGNMENT
-from hydra_offload.sweep import COLUMNS
 
 APPS = Path(__file__).parent / "lightning_apps"
 
@@ -620,10 +620,16 @@ def test_an_entry_under_another_key_is_taken_and_a_changed_config_noted(
     callback, seen = OffloadCallback(config), []
     spy_on_loaded_state(callback, seen)
     resumed = trainer(callback, max_steps=6)
-    with caplog.at_level(logging.INFO):
-        resumed.fit(module(frozen=True), tokens(), ckpt_path=tmp_path / "written.ckpt")
+    lit = module(frozen=True)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.fit(lit, tokens(), ckpt_path=tmp_path / "written.ckpt")
     assert resumed.global_step == 6
     assert seen == [state]
+    # The entry was moved to the callback's key before Lightning looked for unclaimed ones.
+    unclaimed = [str(w.message) for w in caught if "add the following callbacks" in str(w.message)]
+    assert not [message for message in unclaimed if "OffloadCallback" in message]
+    assert "on_load_checkpoint" not in vars(lit)  # the module's own hook is back
     noted = "resuming with a different offload config" in caplog.text
     assert noted is (config is not PREFETCH)
 
@@ -689,7 +695,8 @@ def plans_logged(caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "hydra_offload.lightning" and r.getMessage().startswith("Offload plan")
+        if r.name == "hydra_offload.integrations.lightning"
+        and r.getMessage().startswith("Offload plan")
     ]
 
 

@@ -25,17 +25,18 @@ callback ``setup`` -> ``configure_model`` -> ``strategy.setup`` (precision
 
 What it reports, on rank zero only:
 
-- The plan, at INFO through the ``hydra_offload.lightning`` logger (so a Hydra app's job log,
-  e.g. ``train.log``, has it; where logging is not configured at all it goes to stderr), once
-  per ``fit``, and at ``validate``, ``test`` or ``predict`` only when the plan differs from
-  the one last shown for the same module.
+- The plan, at INFO through the ``hydra_offload.integrations.lightning`` logger (so a Hydra
+  app's job log, e.g. ``train.log``, has it; where logging is not configured at all it goes
+  to stderr), once per ``fit``, and at ``validate``, ``test`` or ``predict`` only when the
+  plan differs from the one last shown for the same module.
 - The validated config (not the Hydra interpolation that built it) as hyperparameters of the
   Trainer's loggers, under ``offload``.
 - Its statistics as metrics of the Trainer's loggers (``offload/...``).
 - Inside a Hydra job (``HydraConfig.initialized()``), two files in the job's output
   directory: ``offload_plan.txt`` (the plan last shown) and ``job_summary.json`` (backend,
   config hash, device, peak device memory on CUDA, device bytes saved, time per step, ...,
-  the format :class:`~hydra_offload.sweep.SweepSummary` gathers at the end of a multirun).
+  the format :class:`~hydra_offload.integrations.sweep.SweepSummary` gathers at the end of a
+  multirun).
   Outside Hydra no file is written.
 """
 
@@ -46,7 +47,6 @@ import statistics
 import sys
 import time
 import weakref
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from hydra_offload._warnings import warn_at_caller
-from hydra_offload.config import OffloadConfig
-from hydra_offload.hydra import to_offload_config
+from hydra_offload.config import OffloadConfig, to_offload_config
+from hydra_offload.integrations.sweep import write_job_summary
 from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
 from hydra_offload.plan import OffloadPlan, plan_offload
-from hydra_offload.sweep import write_job_summary
 
 __all__ = ["PLAN_FILE", "OffloadCallback"]
 
@@ -206,6 +205,7 @@ class OffloadCallback(Callback):
         """The plan of the last stage's offload (it stays after the offload is removed)."""
         self._stage: str | None = None
         self._patched: LightningModule | None = None
+        self._wrapped_load: tuple[LightningModule, Any] | None = None
         self._module: Any = None
         self._ddp_ignored_before: Any = None
         self._warned_cpu = False
@@ -254,10 +254,12 @@ class OffloadCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Start the stage's record and wrap the module's ``configure_model`` so that the
         offload is applied (:meth:`_apply`) right after it; errors of the offload surface from
-        that call, when Lightning makes it."""
+        that call, when Lightning makes it. Also wrap its ``on_load_checkpoint`` (see
+        :meth:`_claim_checkpoint_entry`)."""
         self._stage = stage
         self._send_hparams(trainer)
         self._begin_record(trainer, stage)
+        self._wrap_on_load_checkpoint(trainer, pl_module)
         if self.config.resolved_backend == "none":
             return
         original = pl_module.configure_model
@@ -332,6 +334,53 @@ class OffloadCallback(Callback):
             self._patched.__dict__.pop("configure_model", None)
             self._patched = None
 
+    def _wrap_on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning calls the module's ``on_load_checkpoint`` before it hands callbacks their
+        checkpoint entries (and warns about entries no callback claims): the one moment to
+        re-key an entry this callback should take."""
+        original = pl_module.on_load_checkpoint
+
+        def claim_then_load(checkpoint: dict[str, Any]) -> None:
+            self._unwrap_on_load_checkpoint()
+            self._claim_checkpoint_entry(trainer, checkpoint)
+            original(checkpoint)
+
+        self._unwrap_on_load_checkpoint()
+        pl_module.on_load_checkpoint = claim_then_load  # type: ignore[method-assign]
+        self._wrapped_load = (pl_module, claim_then_load)
+
+    def _unwrap_on_load_checkpoint(self) -> None:
+        if self._wrapped_load is not None:
+            module, wrapper = self._wrapped_load
+            if module.__dict__.get("on_load_checkpoint") is wrapper:
+                del module.__dict__["on_load_checkpoint"]
+            self._wrapped_load = None
+
+    def _claim_checkpoint_entry(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        """Move to :attr:`state_key` the one OffloadCallback entry of ``checkpoint`` that no
+        callback of this Trainer claims, when there is none under that key.
+
+        That is the entry of a run with another offload config (evaluating a prefetch run's
+        checkpoint with ``offload=uva``), or of a checkpoint written before the key carried
+        the config's hash (its entry is under the bare class name). Lightning then hands it
+        to :meth:`load_state_dict` (which notes the changed config) and has nothing to warn
+        about; with several unclaimed entries, none is taken.
+        """
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        name = type(self).__qualname__
+        claimed = {callback.state_key for callback in trainer.callbacks}
+        unclaimed = [
+            key
+            for key in states
+            if isinstance(key, str)
+            and key not in claimed
+            and (key == name or key.startswith(name + "{"))
+        ]
+        if len(unclaimed) == 1:
+            states[self.state_key] = states.pop(unclaimed[0])
+
     # ---------------------------------------------------------------- reporting
     def _show_plan(self, trainer: Trainer, pl_module: LightningModule, plan: OffloadPlan) -> None:
         """Log the plan (and write it into the Hydra output directory) on rank zero: at every
@@ -379,6 +428,9 @@ class OffloadCallback(Callback):
         return self._stage == stage and trainer.state.fn == _STAGE_FN[stage]
 
     def _step_begins(self, trainer: Trainer, stage: str) -> None:
+        # Any checkpoint was restored before the first batch: the module gets its own
+        # on_load_checkpoint back (and pickles as it did).
+        self._unwrap_on_load_checkpoint()
         if self._record is not None and self._in_stage(trainer, stage):
             self._record.begin_step()
 
@@ -452,6 +504,7 @@ class OffloadCallback(Callback):
 
     def _remove(self) -> None:
         self._unpatch()
+        self._unwrap_on_load_checkpoint()
         if self.handle is not None:
             self.last_stats = self.handle.stats
             self.last_plan = self.handle.plan
@@ -514,34 +567,6 @@ class OffloadCallback(Callback):
             "config": self.config.model_dump(mode="json"),
             "config_hash": self.config.compute_hash(),
         }
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Take the state of an OffloadCallback entry that no callback of this Trainer claims
-        when the checkpoint has none under :attr:`state_key`.
-
-        That is the entry of a run with another offload config, or of a checkpoint written
-        before the key carried the config's hash (its entry is under the bare class name).
-        Lightning passes a callback only the entry under its own key, and has already warned
-        about the unclaimed one ("Please add the following callbacks") by the time this hook
-        runs; when several entries are unclaimed, none is taken.
-        """
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return  # Lightning passes it to load_state_dict
-        name = type(self).__qualname__
-        claimed = {callback.state_key for callback in trainer.callbacks}
-        unclaimed = [
-            key
-            for key in states
-            if isinstance(key, str)
-            and key not in claimed
-            and (key == name or key.startswith(name + "{"))
-        ]
-        if len(unclaimed) == 1:
-            self.load_state_dict(deepcopy(states[unclaimed[0]]))
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
