@@ -9,8 +9,8 @@
     python run.py -m hydra/sweeper=optuna objective=step_time offload=prefetch \
         'offload.prefetch.offload_group_size=range(2,5)'   # an Optuna study
 
-See :mod:`hydra_offload.job` for what the job does and prints. A bad setting ends it with
-one line naming the key, the value and what is allowed, and exit status 2. A multirun ends
+See :mod:`hydra_offload.integrations.job` for what the job does and prints. A bad setting ends
+it with one line naming the key, the value and what is allowed, and exit status 2. A multirun ends
 with ``sweep_summary.md``, ``.csv`` and ``.png`` in the sweep directory. With ``objective``
 set the job returns the figure it names, for the sweeper to minimize.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from hydra_offload.job import JobResult, run_job
+from hydra_offload.integrations.job import JobResult, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -19,8 +19,8 @@ same batch, each configuration runs ``--warmup`` untimed and ``--steps`` timed f
 For each it reports peak device memory, device memory saved against no offload (and, for
 ours, the plan's figure), host memory (RSS growth and page-locked bytes), the median step
 time, host-to-device bytes per step (counted in one extra forward by
-:class:`hydra_offload.measure.CopyCounter`, whoever issues the copies; UVA zero-copy reads the
-offloaded weights in place instead, which the table says), the achieved H2D rate, and the
+:class:`hydra_offload.tuning.measure.CopyCounter`, whoever issues the copies; UVA zero-copy
+reads the offloaded weights in place instead, which the table says), the achieved H2D rate, and the
 overlap efficiency::
 
     max(no-offload step time, H2D bytes / measured bandwidth) / step time
@@ -58,8 +58,14 @@ from rich.table import Table
 from torch import nn
 
 from hydra_offload import apply_offload
-from hydra_offload.measure import CopyCounter, copy_bandwidth, rss_bytes, synchronize, time_calls
 from hydra_offload.models import DecoderLM
+from hydra_offload.tuning.measure import (
+    CopyCounter,
+    copy_bandwidth,
+    rss_bytes,
+    synchronize,
+    time_calls,
+)
 
 RESULTS = Path(__file__).parent / "results"
 GIB = 1024**3

@@ -31,31 +31,32 @@ from typing import TYPE_CHECKING, Any
 from hydra_offload.config import (
     OffloadBackend,
     OffloadConfig,
+    OffloadConfigError,
     OffloadConfigWarning,
     PrefetchOffloadConfig,
     UVAOffloadConfig,
+    to_offload_config,
 )
-from hydra_offload.hydra import OffloadConfigError, to_offload_config
 
 if TYPE_CHECKING:
-    from hydra_offload.lightning import OffloadCallback
+    from hydra_offload.integrations.lightning import OffloadCallback
     from hydra_offload.offload import (
         OffloadError,
         OffloadHandle,
-        OffloadStats,
         apply_offload,
         get_offload_handle,
     )
     from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
     from hydra_offload.stacks import LayerStackError
+    from hydra_offload.stats import OffloadStats
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "OffloadCallback": "hydra_offload.lightning",
+    "OffloadCallback": "hydra_offload.integrations.lightning",
     "OffloadError": "hydra_offload.offload",
     "OffloadHandle": "hydra_offload.offload",
-    "OffloadStats": "hydra_offload.offload",
+    "OffloadStats": "hydra_offload.stats",
     "apply_offload": "hydra_offload.offload",
     "get_offload_handle": "hydra_offload.offload",
     "OffloadPlan": "hydra_offload.plan",

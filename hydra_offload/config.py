@@ -13,6 +13,10 @@ cross-field errors when prefetch is on, and at most one :class:`OffloadConfigWar
 conflicting settings. On top of that the models reject unknown keys, strings where numbers
 belong, and bare strings where a list of name segments belongs.
 
+:func:`to_offload_config` turns what users hand over (a Hydra ``DictConfig``, a ``dict``, a
+jsonargparse ``Namespace``) into an ``OffloadConfig``; its :class:`OffloadConfigError` has one
+line per problem, naming the dotted key. omegaconf is imported only when a node is given.
+
 Example:
     >>> from hydra_offload import OffloadConfig
     >>> cfg = OffloadConfig(prefetch={"offload_group_size": 8, "offload_num_in_group": 2})
@@ -24,10 +28,13 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import json
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Mapping
+from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -35,6 +42,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    ValidationError,
     field_serializer,
     field_validator,
     model_validator,
@@ -46,10 +54,12 @@ from hydra_offload._warnings import warn_at_caller
 __all__ = [
     "OffloadBackend",
     "OffloadConfig",
+    "OffloadConfigError",
     "OffloadConfigWarning",
     "PrefetchOffloadConfig",
     "ResolvedBackend",
     "UVAOffloadConfig",
+    "to_offload_config",
 ]
 
 OffloadBackend = Literal["auto", "uva", "prefetch"]
@@ -397,3 +407,172 @@ class OffloadConfig(_Frozen):
             allow_nan=False,
         )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Coercion: a Hydra node, a mapping or a jsonargparse Namespace to an OffloadConfig
+# --------------------------------------------------------------------------------------------
+
+
+class OffloadConfigError(ValueError):
+    """A configuration that cannot be used, with one line per problem.
+
+    Each line names the full dotted key, the value given and what is allowed, e.g.
+    ``offload.prefetch.offload_num_in_group: got 3; offload_num_in_group (3) must be <=
+    offload_group_size (2)``.
+
+    Attributes:
+        problems: one ``(key, message)`` pair per problem.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{key}: {message}" for key, message in problems))
+
+
+def to_offload_config(cfg: Any, *, key: str = "offload") -> OffloadConfig:
+    """Validate a Hydra node, a mapping or an :class:`OffloadConfig` into an ``OffloadConfig``.
+
+    Args:
+        cfg: a ``DictConfig`` (interpolations are resolved), a ``dict`` or another mapping,
+            or an ``OffloadConfig`` (returned as it is).
+        key: the dotted key of ``cfg`` in the user's config; error messages start with it.
+
+    Raises:
+        OffloadConfigError: one line per problem, each naming the dotted key
+            (``offload.prefetch.offload_group_size``), the bad value and what is allowed.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> node = OmegaConf.create({"prefetch": {"offload_group_size": 2}})
+        >>> to_offload_config(node).prefetch.offload_group_size
+        2
+        >>> try:
+        ...     to_offload_config({"prefetch": {"offload_group_size": -2}})
+        ... except OffloadConfigError as err:
+        ...     print(err)
+        offload.prefetch.offload_group_size: got -2; expected a value >= 0
+    """
+    if isinstance(cfg, OffloadConfig):
+        return cfg
+    if isinstance(cfg, argparse.Namespace):  # jsonargparse (LightningCLI) hands these over
+        cfg = _namespace_dict(cfg)
+    if _is_omegaconf_node(cfg):
+        data: Any = _omegaconf_container(cfg)
+    elif isinstance(cfg, Mapping):
+        data = {k: _plain(v) for k, v in cfg.items()}
+    else:
+        raise OffloadConfigError(
+            [(key, f"expected a mapping of offload settings, got {type(cfg).__name__}")]
+        )
+    try:
+        return OffloadConfig.model_validate(data)
+    except ValidationError as err:
+        raise OffloadConfigError(_describe(err, key, data)) from None
+
+
+def _is_omegaconf_node(value: Any) -> bool:
+    """Whether ``value`` is an OmegaConf node; omegaconf is imported only where one can exist
+    (a program that made a node has imported it), so plain Python callers never load it."""
+    if "omegaconf" not in sys.modules:
+        return False
+    from omegaconf import OmegaConf
+
+    return OmegaConf.is_config(value)
+
+
+def _omegaconf_container(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def _namespace_dict(namespace: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: _namespace_dict(value) if isinstance(value, argparse.Namespace) else value
+        for key, value in vars(namespace).items()
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python values from OmegaConf nodes and Enums found inside a mapping."""
+    if isinstance(value, Enum):
+        return value.value
+    if _is_omegaconf_node(value):
+        return _omegaconf_container(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _describe(err: ValidationError, key: str, data: Any) -> list[tuple[str, str]]:
+    problems = []
+    for error in err.errors(include_url=False):
+        ctx = error.get("ctx") or {}
+        loc = tuple(str(part) for part in error["loc"])
+        if "key" in ctx:  # a cross-field rule: it names the field it is about
+            loc = tuple(ctx["key"].split("."))
+            value = _lookup(data, loc)
+        else:
+            value = error["input"]
+        if error["type"] == "unknown_key":
+            loc = (*loc, ctx["name"])
+        dotted = ".".join((key, *loc)) if key else ".".join(loc)
+        if error["type"] == "unknown_key":
+            message = error["msg"].replace(f"unknown key {ctx['quoted']}", "unknown key", 1)
+        elif error["type"] == "extra_forbidden":
+            message = _unknown_key(loc)
+        elif isinstance(value, (Mapping, list)) and not loc:
+            message = error["msg"]
+        else:
+            message = f"got {value!r}; {_allowed(error)}"
+        problems.append((dotted, message))
+    return problems
+
+
+def _lookup(data: Any, loc: tuple[str, ...]) -> Any:
+    for part in loc:
+        if not isinstance(data, Mapping) or part not in data:
+            return _default(loc)
+        data = data[part]
+    return data
+
+
+def _default(loc: tuple[str, ...]) -> Any:
+    value: Any = OffloadConfig()
+    for part in loc:
+        value = getattr(value, part)
+    return value
+
+
+def _allowed(error: Any) -> str:
+    """What is allowed, in words, for one pydantic error."""
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "expected an integer"
+    if kind in ("float_type", "float_parsing"):
+        return "expected a number"
+    if kind == "greater_than_equal":
+        bound = ctx["ge"]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"expected a value >= {bound}"
+    if kind == "finite_number":
+        return "expected a finite number"
+    if kind == "literal_error":
+        return f"expected one of {ctx['expected']}"
+    return error["msg"]
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    model: type[BaseModel] = OffloadConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {hint}allowed keys: {', '.join(allowed)}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,64 +28,21 @@ from torch import nn
 
 from hydra_offload._applied import note_applied
 from hydra_offload._warnings import warn_at_caller
-from hydra_offload.backends.base import NoOffload, OffloadBackendBase, create_backend
-from hydra_offload.config import OffloadConfig, ResolvedBackend
+from hydra_offload.backends import NoOffload, OffloadBackendBase, create_backend
+from hydra_offload.config import OffloadConfig, to_offload_config
 from hydra_offload.errors import OffloadError
-from hydra_offload.hydra import to_offload_config
 from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.device import runtime_for
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
+from hydra_offload.stats import OffloadStats
 
 __all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload", "get_offload_handle"]
 
 # Every module of every model with an active offload, so a second apply is refused (and
 # get_offload_handle finds the handle).
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, OffloadHandle] = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class OffloadStats:
-    """A snapshot of what an offload costs and does.
-
-    Attributes:
-        backend: the backend in use.
-        offloaded_bytes: parameter bytes kept in host memory.
-        device_bytes_saved: device memory freed: measured from the device allocator when the
-            offloaded parameters lived on the compute device (``measured``), else the plan's
-            figure (offloaded bytes minus the pool).
-        measured: whether ``device_bytes_saved`` comes from the allocator.
-        host_bytes: bytes of host memory allocated: offloaded weights, the host gradients of
-            trainable offloaded weights and their staging buffers (tensors plus alignment
-            padding).
-        host_bytes_pinned: of those, bytes page-locked with the CUDA runtime (0 on CPU).
-        pool_bytes: bytes of the prefetch device buffer pool.
-        forwards: forward calls since the offload was applied, counted on the innermost
-            module that contains every offloaded parameter (eager calls; a
-            ``torch.compile``'d model's calls are not counted).
-        h2d_bytes: bytes copied from host storage to the device in total.
-        h2d_bytes_per_forward: ``h2d_bytes / forwards`` (``None`` before the first forward).
-        loads: copies issued (prefetch: layer loads; UVA copy mode: module fetches).
-        stalls: prefetch loads made on demand because a layer ran while its slots held other
-            weights (0 when layers run in the planned order).
-        wait_ms: time the compute stream waited for copies, measured with CUDA events
-            (prefetch on CUDA); ``None`` where it is not measured.
-    """
-
-    backend: ResolvedBackend
-    offloaded_bytes: int
-    device_bytes_saved: int
-    measured: bool
-    host_bytes: int
-    host_bytes_pinned: int
-    pool_bytes: int
-    forwards: int
-    h2d_bytes: int
-    h2d_bytes_per_forward: float | None
-    loads: int
-    stalls: int
-    wait_ms: float | None
 
 
 class OffloadHandle:

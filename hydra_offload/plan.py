@@ -31,7 +31,7 @@ from torch import nn
 
 from hydra_offload._format import format_bytes, format_indices
 from hydra_offload._warnings import warn_at_caller
-from hydra_offload.config import OffloadConfig, ResolvedBackend
+from hydra_offload.config import OffloadConfig, ResolvedBackend, to_offload_config
 from hydra_offload.selection import matches_any, unmatched_patterns
 from hydra_offload.stacks import (
     LayerStack,
@@ -325,8 +325,6 @@ def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
         >>> plan.backend, plan.offloaded_params
         ('none', ())
     """
-    from hydra_offload.hydra import to_offload_config
-
     config = to_offload_config(config)
     aliases = _aliases(model)
     total = sum(_nbytes(p) for p in aliases)

@@ -17,7 +17,7 @@ turns in it:
 
 This module computes that schedule once, as an immutable :class:`RingSchedule` per stack; the
 runtime (``_Ring`` in :mod:`hydra_offload.backends.prefetch`) and the step-time simulator
-(:mod:`hydra_offload.suggest`) both read it, so the prediction cannot drift from what runs.
+(:mod:`hydra_offload.tuning.simulate`) both read it, so the prediction cannot drift from what runs.
 It is pure: no torch device work, only the plan's figures. :func:`schedules_of` gives the
 schedules of a plan, one object per stack, the same objects for as long as the plan lives;
 :func:`ring_schedule` builds one from plain arguments (the simulator's hypothetical settings).
@@ -25,12 +25,9 @@ schedules of a plan, one object per stack, the same objects for as long as the p
 Example:
     >>> import torch
     >>> from hydra_offload import plan_offload
-    >>> from hydra_offload.models import DecoderLM
-    >>> with torch.device("meta"):
-    ...     model = DecoderLM(num_layers=8)
-    >>> plan = plan_offload(model, {"prefetch": {"offload_group_size": 2,
-    ...                                          "offload_prefetch_step": 2}})
-    >>> (schedule,) = schedules_of(plan)
+    >>> stack = torch.nn.Sequential(*(torch.nn.Linear(8, 8, device="meta") for _ in range(8)))
+    >>> settings = {"offload_group_size": 2, "offload_prefetch_step": 2}
+    >>> (schedule,) = schedules_of(plan := plan_offload(stack, {"prefetch": settings}))
     >>> schedule.layers, schedule.preload
     ((1, 3, 5, 7), (0, 1))
     >>> schedule.next_users, schedule.prev_users

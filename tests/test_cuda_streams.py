@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import hydra_offload.lightning
+import hydra_offload.integrations.lightning
 from hydra_offload import OffloadCallback, apply_offload
 from hydra_offload.models import DecoderLM, LitDecoderLM, random_tokens
 from hydra_offload.runtime.device import DeviceRuntime
@@ -514,7 +514,9 @@ def test_uva_copy_mode_under_lightning_accumulates_grad_batches_like_the_run_wit
 ):
     # OffloadCallback has no zero_copy setting: the one it applies with is made a copy-mode one.
     monkeypatch.setattr(
-        hydra_offload.lightning, "apply_offload", functools.partial(apply_offload, zero_copy=False)
+        hydra_offload.integrations.lightning,
+        "apply_offload",
+        functools.partial(apply_offload, zero_copy=False),
     )
     data = lit_tokens(samples=8)  # two optimizer steps of two micro-batches
 

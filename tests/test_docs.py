@@ -13,10 +13,10 @@ import pytest
 MODULES = [
     "hydra_offload",
     "hydra_offload.config",
-    "hydra_offload.hydra",
+    "hydra_offload.integrations.hydra",
     "hydra_offload._applied",
-    "hydra_offload.lightning",
-    "hydra_offload.measure",
+    "hydra_offload.integrations.lightning",
+    "hydra_offload.tuning.measure",
     "hydra_offload.models.lightning",
     "hydra_offload.models.decoder",
     "hydra_offload.offload",
@@ -32,8 +32,13 @@ MODULES = [
     "hydra_offload.schedule",
     "hydra_offload.selection",
     "hydra_offload.stacks",
-    "hydra_offload.suggest",
-    "hydra_offload.sweep",
+    "hydra_offload.tuning",
+    "hydra_offload.tuning.search",
+    "hydra_offload.tuning.simulate",
+    "hydra_offload.stats",
+    "hydra_offload.backends",
+    "hydra_offload.backends.base",
+    "hydra_offload.integrations.sweep",
 ]
 
 
@@ -126,3 +131,18 @@ def test_markdown_links_point_at_files_inside_the_repository():
             name = path.relative_to(ROOT)
             assert resolved.is_relative_to(ROOT), f"{name}: {target} leaves the repository"
             assert resolved.exists(), f"{name}: {target} does not exist"
+
+
+def test_the_readme_layout_names_every_module_of_the_package():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    package = ROOT / "hydra_offload"
+    # Each module's file name, and the folder it sits in, appear in the tree (the demo models
+    # are listed as a folder).
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in sorted(package.rglob("*.py"))
+        if f"{path.parent.name}/" not in layout
+        or (path.parent.name != "models" and path.name not in layout)
+    ]
+    assert missing == []

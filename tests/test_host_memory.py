@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import torch
 
-from hydra_offload.measure import copy_bandwidth
 from hydra_offload.runtime import cudart
 from hydra_offload.runtime import host as host_module
 from hydra_offload.runtime.cudart import MEMORY_HOST, MEMORY_UNREGISTERED, PointerAttributes
 from hydra_offload.runtime.host import ALIGNMENT, HostStorage
+from hydra_offload.tuning.measure import copy_bandwidth
 
 ODD_LAYOUTS = [
     ((3, 5), (5, 1), torch.float32),

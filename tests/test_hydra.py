@@ -113,7 +113,9 @@ def test_compose_users_get_only_the_offload_node_and_hydra_gets_the_job_callback
     with initialize_config_dir(config_dir=str(APP_DIR / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     assert OmegaConf.to_container(cfg.hydra.callbacks) == {
-        "hydra_offload": {"_target_": "hydra_offload.hydra_callback.OffloadJobCallback"}
+        "hydra_offload": {
+            "_target_": "hydra_offload.integrations.hydra_callback.OffloadJobCallback"
+        }
     }
 
 
@@ -258,7 +260,8 @@ def test_the_plugin_does_not_load_torch_into_every_hydra_app():
     # Hydra imports the plugin in every app, and builds the job callback in every app that
     # selects the group.
     code = (
-        "import sys, hydra_plugins.hydra_offload.searchpath, hydra_offload.hydra_callback; "
+        "import sys, hydra_plugins.hydra_offload.searchpath; "
+        "import hydra_offload.integrations.hydra_callback; "
         "print('torch' in sys.modules, 'lightning' in sys.modules)"
     )
     result = subprocess.run(

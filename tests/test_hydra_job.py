@@ -22,7 +22,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from hydra_offload.hydra_callback import (
+from hydra_offload.integrations.hydra_callback import (
     APPLIED_FILE_ENV,
     OffloadJobCallback,
     OffloadNotAppliedWarning,

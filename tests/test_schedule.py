@@ -42,14 +42,8 @@ def stack(widths: list[int], bias: list[bool] | None = None, device: str = "meta
 
 
 def prefetch(group: int, k: int = 1, step: int = 1) -> OffloadConfig:
-    return OffloadConfig(
-        offload_backend="prefetch",
-        prefetch={
-            "offload_group_size": group,
-            "offload_num_in_group": k,
-            "offload_prefetch_step": step,
-        },
-    )
+    names = ("offload_group_size", "offload_num_in_group", "offload_prefetch_step")
+    return OffloadConfig(prefetch=dict(zip(names, (group, k, step), strict=True)))
 
 
 def uniform(num_layers: int, offloaded: list[int], step: int) -> RingSchedule:
@@ -213,7 +207,7 @@ def test_inconsistent_arguments_are_refused(layers, slots, sizes, message):
 def test_the_simulator_s_hypothetical_ring_is_the_plan_s(widths, bias, group, k, step):
     """``suggest_prefetch`` builds the schedule of each setting from one plan of every layer,
     without planning again: it is the one the plan of that setting gives."""
-    from hydra_offload.suggest import _stacks_of_plan
+    from hydra_offload.tuning.search import _stacks_of_plan
 
     model = stack(widths, bias)
     (full,) = _stacks_of_plan(plan_offload(model, prefetch(1, 1, 1)))
@@ -250,7 +244,7 @@ def test_the_plan_s_schedules_are_computed_once_per_plan():
 def test_the_runtime_ring_and_the_simulator_read_the_same_schedule(
     monkeypatch, widths, bias, group, k, step
 ):
-    from hydra_offload import suggest
+    from hydra_offload.tuning import simulate
 
     read: list[tuple[RingSchedule, ...]] = []
 
@@ -258,11 +252,11 @@ def test_the_runtime_ring_and_the_simulator_read_the_same_schedule(
         read.append(schedules_of(plan))
         return read[-1]
 
-    monkeypatch.setattr(suggest, "schedules_of", spy)
+    monkeypatch.setattr(simulate, "schedules_of", spy)
     model = stack(widths, bias, device="cpu")
     with apply_offload(model, prefetch(group, k, step)) as handle:
         (ring,) = handle._installed.rings
-        suggest.simulate_prefetch(handle.plan, layer_seconds=1e-3, bandwidth=1e9)
+        simulate.simulate_prefetch(handle.plan, layer_seconds=1e-3, bandwidth=1e9)
         (simulated,) = read[-1]
         assert ring.schedule is simulated
         schedule = ring.schedule

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from pydantic import BaseModel, Field, create_model
 
-import hydra_offload.hydra as hydra_schema  # the one line to change if the module moves
+import hydra_offload.integrations.hydra as hydra_schema
 from hydra_offload.config import OffloadConfig, PrefetchOffloadConfig, UVAOffloadConfig
 
 PRIMITIVES = (bool, int, float, str)

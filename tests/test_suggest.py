@@ -21,7 +21,7 @@ from torch import nn
 
 from hydra_offload import OffloadConfig, apply_offload, plan_offload, to_offload_config
 from hydra_offload.models import DecoderLM
-from hydra_offload.suggest import Suggestion, simulate_prefetch, suggest_prefetch
+from hydra_offload.tuning import Suggestion, simulate_prefetch, suggest_prefetch
 
 GIB = 1024**3
 MIB = 1024**2
@@ -276,7 +276,7 @@ def test_a_plan_of_another_backend_is_refused_naming_the_plan(config):
 def test_the_timeline_prefetches_what_the_runtime_prefetches(widths, group, k, s):
     """Who is copied into a layer's slots once it is done: the runtime's rings (installed on
     the CPU) against the timeline's."""
-    from hydra_offload.suggest import _rings_of_plan
+    from hydra_offload.tuning.simulate import _rings_of_plan
 
     model = stack(widths=widths, device="cpu")
     config = prefetch(group, k, s)

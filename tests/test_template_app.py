@@ -42,7 +42,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is an instance of .nn.Module. and is already saved"),
 ]
 
-PLAN = "[hydra_offload.lightning][INFO] - Offload plan: "
+PLAN = "[hydra_offload.integrations.lightning][INFO] - Offload plan: "
 BUILT = ("building the datamodule", "building the model")  # what the scripts log as they build
 EXPERIMENT = {  # what experiment/offload_prefetch.yaml selects
     "offload_backend": "prefetch",
@@ -178,7 +178,7 @@ def test_each_job_trains_tests_and_leaves_its_plan_and_summary(sweep, job, backe
     assert log.count(PLAN + backend) == 1
     assert (out / "offload_plan.txt").read_text().startswith(f"Offload plan: {backend}")
     if backend == "prefetch":
-        assert "layer stack 'net.blocks' │ 2 of 4 layers offloaded: 1, 3" in log
+        assert "layer stack 'net.blocks'  2 of 4 layers offloaded: 1, 3" in log
     assert summary["stages"]["test"]["device_bytes_saved"] == summary["device_bytes_saved"] > 0
 
 
@@ -226,7 +226,7 @@ def test_the_experiment_config_switches_the_group_and_sets_its_values(experiment
     assert summary["config_hash"] == to_offload_config(EXPERIMENT).compute_hash()
     log = (experiment / "train.log").read_text()
     assert log.count(PLAN + "prefetch") == 1
-    assert "layer stack 'net.blocks' │ 2 of 4 layers offloaded: 2, 3" in log
+    assert "layer stack 'net.blocks'  2 of 4 layers offloaded: 2, 3" in log
     choices = OmegaConf.load(experiment / ".hydra" / "hydra.yaml").hydra.runtime.choices
     assert choices.offload == "prefetch"
     assert choices.experiment == "offload_prefetch"
@@ -332,7 +332,7 @@ def test_a_compiled_net_is_offloaded_with_the_layers_path_of_the_plain_net(tmp_p
     out = tmp_path / "run"
     log = (out / "train.log").read_text()
     assert log.count(PLAN + "prefetch") == 1
-    assert "layer stack 'net._orig_mod.blocks' │ 2 of 4 layers offloaded: 1, 3" in log
+    assert "layer stack 'net._orig_mod.blocks'  2 of 4 layers offloaded: 1, 3" in log
     assert "'net.blocks' resolves to 'net._orig_mod.blocks'" in log
     summary = json.loads((out / "job_summary.json").read_text())
     assert set(summary["stages"]) == {"fit", "test"}

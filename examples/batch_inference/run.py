@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
 from hydra_offload import OffloadCallback
-from hydra_offload.job import StepTimer
+from hydra_offload.integrations.job import StepTimer
 
 
 class NextToken(LightningModule):

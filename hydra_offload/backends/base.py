@@ -1,30 +1,22 @@
-"""The contract every backend keeps, the backend of an empty plan, and the factory.
+"""The contract every backend keeps, and the backend of an empty plan.
 
 An :class:`~hydra_offload.OffloadHandle` talks to its installed offload only through
 :class:`OffloadBackendBase`: what was staged in host memory, the hooks registered, the bytes
 held (device pool, host memory, page-locked host memory), the time spent waiting for copies,
-the start of each forward, and removal. Every member is abstract, so a backend that forgets
-one cannot be instantiated, and the handle never guesses a default for a missing member.
+the start of each forward, and removal. What every backend must say (what it staged, its
+hooks, its host bytes, how it is removed) is abstract, so a backend that forgets one cannot be
+instantiated; the rest has a default here, in one place (no device pool, no timing, nothing
+to do as a forward starts), and the handle never guesses a value for a missing member.
+A plan that offloads nothing gets :class:`NoOffload`; the factory that picks a backend is
+:func:`hydra_offload.backends.create_backend`.
 
-:func:`create_backend` picks the backend a plan names (``"uva"``:
-:class:`~hydra_offload.backends.uva.UVAOffload`, ``"prefetch"``:
-:class:`~hydra_offload.backends.prefetch.PrefetchOffload`) and installs it; a plan that
-offloads nothing (backend ``"none"``, or an empty selection) gets :class:`NoOffload`.
+A new backend is a module next to this one with a subclass of :class:`OffloadBackendBase`,
+and one branch in :func:`~hydra_offload.backends.create_backend`.
 
 Example:
-    >>> import torch
-    >>> from hydra_offload.plan import plan_offload
-    >>> from hydra_offload.runtime import DeviceRuntime
-    >>> model = torch.nn.Linear(4, 4)
-    >>> plan = plan_offload(model, {"uva": {"cpu_offload_gb": 1}})
-    >>> backend = create_backend(model, plan, DeviceRuntime(torch.device("cpu")))
-    >>> isinstance(backend, OffloadBackendBase), type(backend).__name__
-    (True, 'UVAOffload')
-    >>> [entry.name for entry in backend.staged.params]
-    ['weight', 'bias']
-    >>> backend.host_bytes > 0, backend.pool_bytes, backend.wait_ms
-    (True, 0, None)
-    >>> backend.remove()
+    >>> backend = NoOffload()
+    >>> isinstance(backend, OffloadBackendBase), backend.staged, backend.pool_bytes
+    (True, None, 0)
 """
 
 from __future__ import annotations
@@ -33,15 +25,11 @@ import abc
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from hydra_offload.plan import OffloadPlan
-from hydra_offload.runtime import DeviceRuntime
-from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.params import Staged
 
-__all__ = ["NoOffload", "OffloadBackendBase", "create_backend"]
+__all__ = ["NoOffload", "OffloadBackendBase"]
 
 
 class OffloadBackendBase(abc.ABC):
@@ -51,7 +39,7 @@ class OffloadBackendBase(abc.ABC):
     A backend installs itself when constructed (staging weights in host memory, registering
     hooks) and undoes all of it in :meth:`remove`. It reports what it holds through the
     properties below, which :attr:`OffloadHandle.stats <hydra_offload.OffloadHandle.stats>`
-    reads as they are, with no fallback: every member is abstract and must be implemented.
+    reads as they are: the abstract members must be implemented, the others have a default.
 
     Example:
         >>> class Incomplete(OffloadBackendBase):
@@ -75,10 +63,10 @@ class OffloadBackendBase(abc.ABC):
         optimizers), which pickling and deep copies of the model leave out."""
 
     @property
-    @abc.abstractmethod
     def pool_bytes(self) -> int:
         """Bytes of device memory the backend allocated for weights in flight (the
-        prefetch buffer pool); 0 when it allocates none."""
+        prefetch buffer pool). Default: 0, a backend without a device pool."""
+        return 0
 
     @property
     @abc.abstractmethod
@@ -93,15 +81,15 @@ class OffloadBackendBase(abc.ABC):
         CPU)."""
 
     @property
-    @abc.abstractmethod
     def wait_ms(self) -> float | None:
         """Milliseconds the compute stream waited for copies, measured with device timing
-        events; ``None`` where the backend does not measure it."""
+        events. Default: ``None``, not measured."""
+        return None
 
-    @abc.abstractmethod
     def forward_started(self) -> None:
         """Called by the handle as each (eager) forward of the model starts, before any
-        offloaded layer runs; a backend with nothing to do then does nothing."""
+        offloaded layer runs. Default: nothing to do."""
+        return None
 
     @abc.abstractmethod
     def remove(self, device: torch.device | None = None) -> None:
@@ -130,10 +118,6 @@ class NoOffload(OffloadBackendBase):
         return ()
 
     @property
-    def pool_bytes(self) -> int:
-        return 0
-
-    @property
     def host_bytes(self) -> int:
         return 0
 
@@ -141,59 +125,5 @@ class NoOffload(OffloadBackendBase):
     def host_bytes_pinned(self) -> int:
         return 0
 
-    @property
-    def wait_ms(self) -> None:
-        return None
-
-    def forward_started(self) -> None:
-        return None
-
     def remove(self, device: torch.device | None = None) -> None:
         return None
-
-
-def create_backend(
-    model: nn.Module,
-    plan: OffloadPlan,
-    runtime: DeviceRuntime,
-    counters: Counters | None = None,
-    *,
-    zero_copy: bool | None = None,
-) -> OffloadBackendBase:
-    """Install the backend ``plan`` names on ``model``, the one place a backend is chosen.
-
-    Args:
-        model: the model ``plan`` was made for (:func:`~hydra_offload.plan.plan_offload`).
-        plan: what to offload; ``plan.backend`` picks the backend.
-        runtime: the compute device's runtime: every stream, event, copy and host allocation
-            goes through it.
-        counters: where the backend counts loads, copied bytes and stalls (the handle reads
-            them for its statistics); ``None``: fresh counters.
-        zero_copy: UVA only (see :func:`hydra_offload.apply_offload`); ignored otherwise.
-
-    Returns:
-        :class:`NoOffload` when the plan offloads no parameter (backend ``"none"`` or an
-        empty selection), else a :class:`~hydra_offload.backends.uva.UVAOffload` or
-        :class:`~hydra_offload.backends.prefetch.PrefetchOffload`, installed.
-
-    Raises:
-        ValueError: ``plan.backend`` names no known backend.
-
-    A backend that fails while installing restores the model before the error propagates.
-    Most code wants :func:`hydra_offload.apply_offload`, which checks the model first and
-    wraps the backend in a handle.
-    """
-    if counters is None:
-        counters = Counters()
-    if plan.backend == "none" or not plan.params:
-        return NoOffload()
-    # Imported here: the backends import this module for the base class.
-    if plan.backend == "uva":
-        from hydra_offload.backends.uva import UVAOffload
-
-        return UVAOffload(model, plan, runtime, counters, zero_copy=zero_copy)
-    if plan.backend == "prefetch":
-        from hydra_offload.backends.prefetch import PrefetchOffload
-
-        return PrefetchOffload(model, plan, runtime, counters)
-    raise ValueError(f"no backend is called {plan.backend!r}; expected 'none', 'uva' or 'prefetch'")

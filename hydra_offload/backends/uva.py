@@ -210,20 +210,6 @@ class UVAOffload(OffloadBackendBase):
         return self._staged
 
     @property
-    def pool_bytes(self) -> int:
-        """0: kernels read host memory (or per-module copies), there is no device pool."""
-        return 0
-
-    @property
-    def wait_ms(self) -> None:
-        """``None``: UVA does not time its copies."""
-        return None
-
-    def forward_started(self) -> None:
-        """Nothing to do as a forward starts: each module fetches its own weights."""
-        return None
-
-    @property
     def hooks(self) -> list[RemovableHandle]:
         """The handles of every hook this offload registered (on modules, parameters and
         optimizers)."""

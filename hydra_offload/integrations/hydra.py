@@ -12,13 +12,15 @@ of the group nor a group of its own):
   command-line override with the wrong type fails at compose time, naming the key. An unknown
   key passes composition (Hydra's own refusal would suggest forcing it in with ``+``) and is
   refused when the job starts, with the keys allowed there.
-- ``hydra_offload_callback``: adds :class:`~hydra_offload.hydra_callback.OffloadJobCallback`
-  to the app's ``hydra.callbacks``. The group files extend it too, so every job that selects
-  the group is validated before its task function runs, and is warned at its end when a
-  backend was selected but nothing applied it.
+- ``hydra_offload_callback``: adds
+  :class:`~hydra_offload.integrations.hydra_callback.OffloadJobCallback` to the app's
+  ``hydra.callbacks``. The group files extend it too, so every job that selects the group is
+  validated before its task function runs, and is warned at its end when a backend was
+  selected but nothing applied it.
 
 Rules that involve several fields (``offload_num_in_group <= offload_group_size``) are checked
-by :func:`to_offload_config`, whose errors name the full dotted key.
+when the job starts by :func:`~hydra_offload.config.to_offload_config`, whose errors name the
+full dotted key.
 
 This module imports neither torch nor the runtime, so the plugin stays cheap for Hydra apps
 that never offload anything.
@@ -31,10 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
-import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import field, fields, is_dataclass, make_dataclass
 from enum import Enum
@@ -43,7 +43,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from hydra_offload.config import (
     OffloadBackend,
@@ -54,7 +54,6 @@ from hydra_offload.config import (
 
 __all__ = [
     "OffloadBackendName",
-    "OffloadConfigError",
     "CALLBACK_KEY",
     "CALLBACK_NAME",
     "OffloadSchema",
@@ -62,7 +61,6 @@ __all__ = [
     "SCHEMA_NAME",
     "UVAOffloadSchema",
     "register_configs",
-    "to_offload_config",
 ]
 
 SCHEMA_NAME = "hydra_offload_schema"
@@ -213,7 +211,7 @@ def register_configs() -> None:
     schema = OmegaConf.structured(OffloadSchema)
     _accept_unknown_keys(schema)
     store.store(name=SCHEMA_NAME, node=schema, provider=PROVIDER)
-    target = "hydra_offload.hydra_callback.OffloadJobCallback"
+    target = "hydra_offload.integrations.hydra_callback.OffloadJobCallback"
     store.store(
         name=CALLBACK_NAME,
         node={"hydra": {"callbacks": {CALLBACK_KEY: {"_target_": target}}}},
@@ -235,151 +233,3 @@ def _accept_unknown_keys(node: DictConfig) -> None:
         child = node[key]
         if isinstance(child, DictConfig):
             _accept_unknown_keys(child)
-
-
-class OffloadConfigError(ValueError):
-    """A configuration that cannot be used, with one line per problem.
-
-    Each line names the full dotted key, the value given and what is allowed, e.g.
-    ``offload.prefetch.offload_num_in_group: got 3; offload_num_in_group (3) must be <=
-    offload_group_size (2)``.
-
-    Attributes:
-        problems: one ``(key, message)`` pair per problem.
-    """
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(f"{key}: {message}" for key, message in problems))
-
-
-def to_offload_config(cfg: Any, *, key: str = "offload") -> OffloadConfig:
-    """Validate a Hydra node, a mapping or an :class:`OffloadConfig` into an ``OffloadConfig``.
-
-    Args:
-        cfg: a ``DictConfig`` (interpolations are resolved), a ``dict`` or another mapping,
-            or an ``OffloadConfig`` (returned as it is).
-        key: the dotted key of ``cfg`` in the user's config; error messages start with it.
-
-    Raises:
-        OffloadConfigError: one line per problem, each naming the dotted key
-            (``offload.prefetch.offload_group_size``), the bad value and what is allowed.
-
-    Example:
-        >>> from omegaconf import OmegaConf
-        >>> node = OmegaConf.create({"prefetch": {"offload_group_size": 2}})
-        >>> to_offload_config(node).prefetch.offload_group_size
-        2
-        >>> try:
-        ...     to_offload_config({"prefetch": {"offload_group_size": -2}})
-        ... except OffloadConfigError as err:
-        ...     print(err)
-        offload.prefetch.offload_group_size: got -2; expected a value >= 0
-    """
-    if isinstance(cfg, OffloadConfig):
-        return cfg
-    if isinstance(cfg, argparse.Namespace):  # jsonargparse (LightningCLI) hands these over
-        cfg = _namespace_dict(cfg)
-    if isinstance(cfg, DictConfig):
-        data: Any = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    elif isinstance(cfg, Mapping):
-        data = {k: _plain(v) for k, v in cfg.items()}
-    else:
-        raise OffloadConfigError(
-            [(key, f"expected a mapping of offload settings, got {type(cfg).__name__}")]
-        )
-    try:
-        return OffloadConfig.model_validate(data)
-    except ValidationError as err:
-        raise OffloadConfigError(_describe(err, key, data)) from None
-
-
-def _namespace_dict(namespace: argparse.Namespace) -> dict[str, Any]:
-    return {
-        key: _namespace_dict(value) if isinstance(value, argparse.Namespace) else value
-        for key, value in vars(namespace).items()
-    }
-
-
-def _plain(value: Any) -> Any:
-    """Plain Python values from OmegaConf nodes and Enums found inside a mapping."""
-    if isinstance(value, Enum):
-        return value.value
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _describe(err: ValidationError, key: str, data: Any) -> list[tuple[str, str]]:
-    problems = []
-    for error in err.errors(include_url=False):
-        ctx = error.get("ctx") or {}
-        loc = tuple(str(part) for part in error["loc"])
-        if "key" in ctx:  # a cross-field rule: it names the field it is about
-            loc = tuple(ctx["key"].split("."))
-            value = _lookup(data, loc)
-        else:
-            value = error["input"]
-        if error["type"] == "unknown_key":
-            loc = (*loc, ctx["name"])
-        dotted = ".".join((key, *loc)) if key else ".".join(loc)
-        if error["type"] == "unknown_key":
-            message = error["msg"].replace(f"unknown key {ctx['quoted']}", "unknown key", 1)
-        elif error["type"] == "extra_forbidden":
-            message = _unknown_key(loc)
-        elif isinstance(value, (Mapping, list)) and not loc:
-            message = error["msg"]
-        else:
-            message = f"got {value!r}; {_allowed(error)}"
-        problems.append((dotted, message))
-    return problems
-
-
-def _lookup(data: Any, loc: tuple[str, ...]) -> Any:
-    for part in loc:
-        if not isinstance(data, Mapping) or part not in data:
-            return _default(loc)
-        data = data[part]
-    return data
-
-
-def _default(loc: tuple[str, ...]) -> Any:
-    value: Any = OffloadConfig()
-    for part in loc:
-        value = getattr(value, part)
-    return value
-
-
-def _allowed(error: Any) -> str:
-    """What is allowed, in words, for one pydantic error."""
-    ctx = error.get("ctx") or {}
-    kind = error["type"]
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return "expected an integer"
-    if kind in ("float_type", "float_parsing"):
-        return "expected a number"
-    if kind == "greater_than_equal":
-        bound = ctx["ge"]
-        if isinstance(bound, float) and bound.is_integer():
-            bound = int(bound)
-        return f"expected a value >= {bound}"
-    if kind == "finite_number":
-        return "expected a finite number"
-    if kind == "literal_error":
-        return f"expected one of {ctx['expected']}"
-    return error["msg"]
-
-
-def _unknown_key(loc: tuple[str, ...]) -> str:
-    model: type[BaseModel] = OffloadConfig
-    for part in loc[:-1]:
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        model = annotation
-    allowed = list(model.model_fields)
-    close = difflib.get_close_matches(loc[-1], allowed, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown key; {hint}allowed keys: {', '.join(allowed)}"

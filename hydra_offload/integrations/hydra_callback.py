@@ -6,7 +6,7 @@ extends one of them) extends the hidden config ``hydra_offload_callback``, which
 selects the group, single run or ``--multirun``, gets two checks without code of its own:
 
 - **At job start**, before the task function runs, each node the group composed is validated
-  with :func:`~hydra_offload.hydra.to_offload_config`. A bad one ends the job with one line per
+  with :func:`~hydra_offload.config.to_offload_config`. A bad one ends the job with one line per
   problem on stderr (``error: offload.prefetch.offload_num_in_group: got 5; ...``) and exit
   status 2, as ``run.py`` does. In a ``--multirun`` with Hydra's basic sweeper that ends the
   sweep at the bad job (its values came from the command line). A sweeper that searches
@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_offload._applied import APPLIED_FILE_ENV, applied_count, note_applied
 from hydra_offload._warnings import warn_at_caller
-from hydra_offload.hydra import OffloadConfigError, to_offload_config
+from hydra_offload.config import OffloadConfigError, to_offload_config
 
 __all__ = [
     "APPLIED_FILE_ENV",

@@ -5,7 +5,7 @@ The job validates ``offload`` first (one clear line and exit status 2 when it is
 runs ``predict`` (or ``fit`` with ``mode=fit``) with Lightning's progress bar, and ends with
 a summary: the resolved config and its hash, the plan, peak device memory, time per step and
 host-to-device throughput. It also writes the figures to ``job_summary.json`` for
-:class:`~hydra_offload.sweep.SweepSummary`.
+:class:`~hydra_offload.integrations.sweep.SweepSummary`.
 
 With ``objective`` set (``step_time``, ``peak_memory`` or a list of both) the job returns
 that figure (a list for several) instead of its summary, for a sweeper that minimizes what
@@ -34,17 +34,16 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_offload._applied import note_applied
-from hydra_offload.config import OffloadConfig
-from hydra_offload.hydra import OffloadConfigError, to_offload_config
-from hydra_offload.lightning import OffloadCallback
-from hydra_offload.measure import copy_bandwidth, time_calls
+from hydra_offload.config import OffloadConfig, OffloadConfigError, to_offload_config
+from hydra_offload.integrations.lightning import OffloadCallback
+from hydra_offload.integrations.sweep import write_job_summary
 from hydra_offload.models import LitDecoderLM, random_tokens
 from hydra_offload.offload import OffloadError
 from hydra_offload.plan import plan_offload
 from hydra_offload.render import format_bytes, render_plan, render_stats
 from hydra_offload.stacks import LayerStackError
-from hydra_offload.suggest import Suggestion, suggest_prefetch
-from hydra_offload.sweep import write_job_summary
+from hydra_offload.tuning.measure import copy_bandwidth, time_calls
+from hydra_offload.tuning.search import Suggestion, suggest_prefetch
 
 __all__ = [
     "OBJECTIVES",
@@ -333,7 +332,7 @@ def _objective_values(
 
 def _suggest(cfg: DictConfig, console: Console) -> Suggestion:
     """Measure the machine and the model, then switch ``cfg.offload`` to the prefetch
-    settings :func:`~hydra_offload.suggest.suggest_prefetch` proposes for the budget."""
+    settings :func:`~hydra_offload.tuning.search.suggest_prefetch` proposes for the budget."""
     if str(cfg.mode) != "predict":
         fail(f"suggest: predicts the time of a forward; run it with mode=predict, not {cfg.mode}")
     accelerator = str(cfg.trainer.get("accelerator", "auto"))

@@ -13,7 +13,7 @@ Register it in the app's config::
     hydra:
       callbacks:
         sweep_summary:
-          _target_: hydra_offload.sweep.SweepSummary
+          _target_: hydra_offload.integrations.sweep.SweepSummary
 """
 
 from __future__ import annotations

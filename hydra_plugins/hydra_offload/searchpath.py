@@ -3,14 +3,14 @@
 Hydra imports every module under the ``hydra_plugins`` namespace package before it composes
 a config; importing this one registers the group's hidden configs in the ConfigStore (the
 schema, and the entry that adds the job callback to ``hydra.callbacks``; see
-:mod:`hydra_offload.hydra`), and the plugin class appends the package's YAML files to the
-config search path.
+:mod:`hydra_offload.integrations.hydra`), and the plugin class appends the package's YAML
+files to the config search path.
 """
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from hydra_offload.hydra import register_configs
+from hydra_offload.integrations.hydra import register_configs
 
 register_configs()
 
