@@ -129,11 +129,11 @@ def test_inductor_keeps_prefetch_steps_out_of_cuda_graphs(partition, monkeypatch
     unsafe_kernels: dict[str, bool] = {}
     should_partition = torch._inductor.scheduler.Scheduler.should_partition
 
-    def record_partition(self, node):
+    def record_partition(self, node, *args, **kwargs):  # torch 2.10 passes should_log=
         op = getattr(node.node, "op_overload", None)
         if op is not None:
             unsafe_kernels[str(op)] = is_cudagraph_unsafe_op(node.node)
-        return should_partition(self, node)
+        return should_partition(self, node, *args, **kwargs)
 
     monkeypatch.setattr(
         torch._inductor.compile_fx, "get_first_incompatible_cudagraph_node", record_first
