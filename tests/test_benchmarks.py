@@ -2,15 +2,20 @@
 
 Not timed tests: the figures depend on the machine. What is checked is the harness itself:
 it runs every configuration, checks outputs, counts host-to-device bytes correctly and
-writes its JSON, Markdown and plot.
+writes its JSON, Markdown and plot. ``gpu_check.sh``, the one command run on a GPU machine,
+is checked here in its CPU dry run: its steps, their recorded statuses and its bundle.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
+import tarfile
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -127,3 +132,128 @@ def test_offload_bench_times_fit_steps_with_identical_losses(tmp_path):
             assert row["skipped"].startswith("inference only")
         else:
             assert row["max_abs_diff"] == 0.0, row["name"]  # the same losses, step for step
+
+
+# --- benchmarks/gpu_check.sh: the GPU check's plumbing, in its CPU dry run ----------------------
+
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
+STEP_NAMES = ["install", "env", "pytest", "bench-compute", "bench-bandwidth", "bench-train",
+              "hook-overhead"]  # fmt: skip
+
+
+def _gpu_check(out: Path | None, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "OUT" and not k.startswith("GPU_CHECK")}
+    environ["PYTHON"] = sys.executable
+    if out is not None:
+        environ["OUT"] = str(out)
+    environ.update(env)
+    return subprocess.run(
+        ["bash", str(GPU_CHECK), *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=900,
+    )
+
+
+def _member(out: Path, name: str) -> bytes:
+    """A file of the bundle ``gpu_check.sh`` wrote to ``out``."""
+    with tarfile.open(out / "gpu_results.tar.gz") as tar:
+        member = tar.extractfile(f"gpu_results/{name}")
+        assert member is not None, name
+        return member.read()
+
+
+def _steps(out: Path) -> dict[str, dict[str, str]]:
+    lines = _member(out, "steps.tsv").decode().splitlines()
+    header = lines[0].split("\t")
+    assert header == ["step", "rc", "seconds", "limit_s", "status"]
+    rows = [line.split("\t") for line in lines[1:]]
+    return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+
+
+@pytest.fixture(scope="module")
+def gpu_check_dry_run(tmp_path_factory):
+    """One dry run for the tests below: a minute or two on 2 cores."""
+    out = tmp_path_factory.mktemp("gpu_out")
+    result = _gpu_check(out, "--dry-run")
+    return out, result
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_brings_back_at_most_8_files(gpu_check_dry_run):
+    out, result = gpu_check_dry_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == [Path("gpu_results.tar.gz"), Path("summary.txt")]
+    assert len(files) <= 8  # what the device tool brings back from $OUT
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for f in files for part in f.parts)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_bundles_junit_env_and_benchmark_json(gpu_check_dry_run):
+    out, _ = gpu_check_dry_run
+    with tarfile.open(out / "gpu_results.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"gpu_results/env.txt",
+            "gpu_results/pytest.log",
+            "gpu_results/bench-compute/offload-cpu-tiny.json",
+            "gpu_results/bench-compute/offload-cpu-tiny.png",
+            "gpu_results/bench-bandwidth/offload-cpu-tiny.json",
+            "gpu_results/bench-train/offload-cpu-tiny-train.json",
+            "gpu_results/hook-overhead/hook_overhead-cpu.json"} <= names  # fmt: skip
+    junit = sorted(n for n in names if re.fullmatch(r"gpu_results/pytest-junit[\w-]*\.xml", n))
+    assert junit, names
+    # Without a device every CUDA test is collected and skipped, and the XML says so.
+    suite = ET.fromstring(_member(out, junit[0].removeprefix("gpu_results/")))
+    cases = list(suite.iter("testcase"))
+    assert cases
+    assert all(case.find("skipped") is not None for case in cases)
+    env = _member(out, "env.txt").decode()
+    assert "torch " in env
+    assert "cuda available False" in env
+    assert "== nvidia-smi" in env
+    assert json.loads(_member(out, "bench-compute/offload-cpu-tiny.json"))["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_records_every_step_status(gpu_check_dry_run):
+    out, _ = gpu_check_dry_run
+    steps = _steps(out)
+    assert list(steps) == STEP_NAMES
+    assert all(step["rc"] == "0" and step["status"] == "ok" for step in steps.values()), steps
+    summary = (out / "summary.txt").read_text()
+    assert all(name in summary for name in STEP_NAMES)
+    assert "pytest -m cuda: " in summary
+    assert " skipped" in summary
+
+
+def test_gpu_check_without_out_fails_loudly():
+    result = _gpu_check(None, "--dry-run")
+    assert result.returncode == 2
+    assert "OUT is not set" in result.stderr
+
+
+def test_gpu_check_rejects_an_unknown_step(tmp_path):
+    result = _gpu_check(tmp_path, "--dry-run", "--only", "env,bogus")
+    assert result.returncode == 2
+    assert "unknown step in --only: bogus" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_keeps_going_past_failed_steps(tmp_path):
+    # An interpreter that fails: both steps fail, each is recorded, and the run still ends
+    # with its bundle and a nonzero status.
+    result = _gpu_check(tmp_path, "--dry-run", "--only", "install,env", PYTHON="false")
+    assert result.returncode == 1
+    steps = _steps(tmp_path)
+    assert list(steps) == ["install", "env"]
+    assert all(step["status"] == "FAILED" and step["rc"] != "0" for step in steps.values())
+
+
+def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
+    result = _gpu_check(tmp_path, "--dry-run", "--only", "env,pytest", GPU_CHECK_BUDGET_S="5")
+    assert result.returncode == 1
+    steps = _steps(tmp_path)
+    assert [step["status"] for step in steps.values()] == ["skipped (budget spent)"] * 2
+    assert "skipped (budget spent)" in (tmp_path / "summary.txt").read_text()
