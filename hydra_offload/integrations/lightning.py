@@ -47,8 +47,9 @@ import statistics
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -151,6 +152,18 @@ class _StageRecord:
         if error is not None:
             figures["error"] = error
         return figures
+
+
+def _timed_batch(stage: str, edge: Literal["begins", "ends"]) -> Callable[..., None]:
+    """A Lightning batch hook that starts or ends the timing of one step of ``stage``."""
+
+    def hook(self: OffloadCallback, trainer: Trainer, *args: Any) -> None:
+        if edge == "begins":
+            self._step_begins(trainer, stage)
+        else:
+            self._step_ends(trainer, stage)
+
+    return override(hook)
 
 
 class OffloadCallback(Callback):
@@ -438,33 +451,14 @@ class OffloadCallback(Callback):
         if self._record is not None and self._in_stage(trainer, stage):
             self._record.end_step()
 
-    @override
-    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._step_begins(trainer, "fit")
-
-    @override
-    def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._step_begins(trainer, "validate")
-
-    @override
-    def on_validation_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self._step_ends(trainer, "validate")
-
-    @override
-    def on_test_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._step_begins(trainer, "test")
-
-    @override
-    def on_test_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self._step_ends(trainer, "test")
-
-    @override
-    def on_predict_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._step_begins(trainer, "predict")
-
-    @override
-    def on_predict_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self._step_ends(trainer, "predict")
+    # Each batch of the stage being recorded is one timed step (fit's end also logs, below).
+    on_train_batch_start = _timed_batch("fit", "begins")
+    on_validation_batch_start = _timed_batch("validate", "begins")
+    on_validation_batch_end = _timed_batch("validate", "ends")
+    on_test_batch_start = _timed_batch("test", "begins")
+    on_test_batch_end = _timed_batch("test", "ends")
+    on_predict_batch_start = _timed_batch("predict", "begins")
+    on_predict_batch_end = _timed_batch("predict", "ends")
 
     # ---------------------------------------------------------------- logging
     @override
