@@ -166,6 +166,15 @@ def _timed_batch(stage: str, edge: Literal["begins", "ends"]) -> Callable[..., N
     return override(hook)
 
 
+def _stage_end(stage: str) -> Callable[..., None]:
+    """A Lightning ``on_*_end`` hook that finishes ``stage``: offload removed, record written."""
+
+    def hook(self: OffloadCallback, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(trainer, stage)
+
+    return override(hook)
+
+
 class OffloadCallback(Callback):
     """Keeps part of a LightningModule's weights in host memory while the Trainer runs.
 
@@ -510,23 +519,12 @@ class OffloadCallback(Callback):
             else:
                 module._ddp_params_and_buffers_to_ignore = self._ddp_ignored_before
 
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Not on_fit_end: Lightning calls that after the strategy's teardown has already
-        # moved the module to the CPU.
-        self._finish(trainer, "fit")
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, "validate")
-
-    @override
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, "test")
-
-    @override
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, "predict")
+    # Each stage ends the offload and writes its record. Not on_fit_end for fit: Lightning
+    # calls that after the strategy's teardown has already moved the module to the CPU.
+    on_train_end = _stage_end("fit")
+    on_validation_end = _stage_end("validate")
+    on_test_end = _stage_end("test")
+    on_predict_end = _stage_end("predict")
 
     @override
     def on_exception(
