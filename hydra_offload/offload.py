@@ -35,6 +35,7 @@ from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.device import runtime_for
+from hydra_offload.runtime.host import proc_bytes
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
 from hydra_offload.stats import OffloadStats
 
@@ -348,14 +349,7 @@ def _processes_on_node(processes: int | None) -> int:
 
 def _available_host_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _forward_root(model: nn.Module, names: tuple[str, ...]) -> nn.Module:

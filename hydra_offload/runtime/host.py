@@ -45,7 +45,7 @@ import torch
 
 from hydra_offload.runtime import cudart
 
-__all__ = ["ALIGNMENT", "HostStorage", "storage_span"]
+__all__ = ["ALIGNMENT", "HostStorage", "proc_bytes", "storage_span"]
 
 ALIGNMENT = 512
 """Every tensor starts on a multiple of this many bytes: the alignment of PyTorch's CUDA
@@ -55,6 +55,24 @@ would for device memory."""
 _REGISTER_PORTABLE_MAPPED = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A ``kB`` figure of a Linux ``/proc`` file, in bytes; ``None`` where it cannot be read.
+
+    Example:
+        >>> total = proc_bytes("/proc/meminfo", "MemTotal")  # None off Linux
+        >>> total is None or total > 0
+        True
+    """
+    try:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def storage_span(shape: Sequence[int], stride: Sequence[int]) -> int:

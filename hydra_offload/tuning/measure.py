@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hydra_offload.runtime.host import HostStorage
+from hydra_offload.runtime.host import HostStorage, proc_bytes
 
 __all__ = [
     "BandwidthResult",
@@ -210,11 +210,4 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def rss_bytes() -> int | None:
     """Resident set size of this process (Linux ``/proc/self/status``), or None."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_bytes("/proc/self/status", "VmRSS")
