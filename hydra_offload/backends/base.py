@@ -27,9 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from hydra_offload.runtime.grads import HostGradients
+from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import Staged
 
-__all__ = ["NoOffload", "OffloadBackendBase"]
+__all__ = ["NoOffload", "OffloadBackendBase", "StagedOffload"]
 
 
 class OffloadBackendBase(abc.ABC):
@@ -127,3 +129,49 @@ class NoOffload(OffloadBackendBase):
 
     def remove(self, device: torch.device | None = None) -> None:
         return None
+
+
+class StagedOffload(OffloadBackendBase):
+    """What the backends that move weights share: parameters staged in host memory
+    (``_staged``), the hooks they registered (``_hooks``), and host gradients of trainable
+    offloaded weights (``grads``). Host memory is counted here once, from
+    :meth:`_host_storages` and ``grads``.
+
+    Example:
+        >>> from hydra_offload.backends import PrefetchOffload, UVAOffload
+        >>> issubclass(UVAOffload, StagedOffload), issubclass(PrefetchOffload, StagedOffload)
+        (True, True)
+    """
+
+    _staged: Staged
+    _hooks: list[RemovableHandle]
+    grads: HostGradients | None
+
+    @property
+    def staged(self) -> Staged:
+        """The offloaded parameters and the host storage of their true weights."""
+        return self._staged
+
+    @property
+    def hooks(self) -> list[RemovableHandle]:
+        """The handles of every hook this offload registered (on modules, parameters and
+        optimizers)."""
+        return list(self._hooks)
+
+    def _host_storages(self) -> list[HostStorage]:
+        """The host storage the backend holds besides ``grads``: the staged weights, and
+        whatever a backend adds."""
+        return [self._staged.storage]
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory allocated: weights, gradients of trainable offloaded weights and their
+        staging buffers."""
+        grads = self.grads.nbytes if self.grads is not None else 0
+        return sum(s.nbytes for s in self._host_storages()) + grads
+
+    @property
+    def host_bytes_pinned(self) -> int:
+        """Of :attr:`host_bytes`, the page-locked bytes (0 on the CPU)."""
+        grads = self.grads.pinned_bytes if self.grads is not None else 0
+        return sum(s.pinned_bytes for s in self._host_storages()) + grads

@@ -58,7 +58,7 @@ from torch.optim.optimizer import (
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
-from hydra_offload.backends.base import OffloadBackendBase
+from hydra_offload.backends.base import StagedOffload
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
@@ -354,10 +354,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
-class PrefetchOffload(OffloadBackendBase):
+class PrefetchOffload(StagedOffload):
     """The installed prefetch offload of one model (see :func:`hydra_offload.apply_offload`).
 
-    Implements :class:`~hydra_offload.backends.base.OffloadBackendBase`.
+    Implements :class:`~hydra_offload.backends.base.OffloadBackendBase` (through
+    :class:`~hydra_offload.backends.base.StagedOffload`).
     """
 
     def __init__(
@@ -560,17 +561,6 @@ class PrefetchOffload(OffloadBackendBase):
         ring.invalidate(layer)
 
     @property
-    def staged(self) -> Staged:
-        """The offloaded parameters and the host storage of their true weights."""
-        return self._staged
-
-    @property
-    def hooks(self) -> list[RemovableHandle]:
-        """The handles of every hook this offload registered (on modules, parameters and
-        optimizers)."""
-        return list(self._hooks)
-
-    @property
     def wait_ms(self) -> float | None:
         """Time the compute stream waited for copies (where timing events exist)."""
         times = [ring.timer.read() for ring in self.rings if ring.timer is not None]
@@ -581,18 +571,6 @@ class PrefetchOffload(OffloadBackendBase):
     def pool_bytes(self) -> int:
         """Bytes of the device buffer pool (0 once it is released)."""
         return self.pool.nbytes if hasattr(self, "pool") else 0
-
-    @property
-    def host_bytes(self) -> int:
-        """Host memory allocated: weights, gradients and gradient staging buffers."""
-        grads = self.grads.nbytes if self.grads is not None else 0
-        return self.staged.storage.nbytes + grads
-
-    @property
-    def host_bytes_pinned(self) -> int:
-        """Of :attr:`host_bytes`, the page-locked bytes (0 on the CPU)."""
-        grads = self.grads.pinned_bytes if self.grads is not None else 0
-        return self.staged.storage.pinned_bytes + grads
 
     def remove(self, device: torch.device | None = None) -> None:
         """Restore the offloaded parameters (onto ``device``, or where each lived) with

@@ -35,7 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload._warnings import warn_at_caller
-from hydra_offload.backends.base import OffloadBackendBase
+from hydra_offload.backends.base import StagedOffload
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
@@ -48,7 +48,7 @@ __all__ = ["UVAMode", "UVAOffload"]
 UVAMode = Literal["zero_copy", "host", "copy"]
 
 
-class UVAOffload(OffloadBackendBase):
+class UVAOffload(StagedOffload):
     """The installed UVA offload of one model (see :func:`hydra_offload.apply_offload`).
 
     Implements :class:`~hydra_offload.backends.base.OffloadBackendBase`; it allocates no
@@ -204,30 +204,10 @@ class UVAOffload(OffloadBackendBase):
             runtime = self.runtime
             optimizer_state_to(optimizer, stepping, runtime.to_host, runtime.in_host_memory)
 
-    @property
-    def staged(self) -> Staged:
-        """The offloaded parameters and the host storage of their true weights."""
-        return self._staged
-
-    @property
-    def hooks(self) -> list[RemovableHandle]:
-        """The handles of every hook this offload registered (on modules, parameters and
-        optimizers)."""
-        return list(self._hooks)
-
-    @property
-    def host_bytes(self) -> int:
-        """Host memory allocated: weights, and gradients of trainable offloaded weights."""
-        extra = [s for s in (self._grad_storage,) if s is not None]
-        grads = self.grads.nbytes if self.grads is not None else 0
-        return self.staged.storage.nbytes + grads + sum(s.nbytes for s in extra)
-
-    @property
-    def host_bytes_pinned(self) -> int:
-        """Of :attr:`host_bytes`, the page-locked bytes (0 on the CPU)."""
-        extra = [s for s in (self._grad_storage,) if s is not None]
-        grads = self.grads.pinned_bytes if self.grads is not None else 0
-        return self.staged.storage.pinned_bytes + grads + sum(s.pinned_bytes for s in extra)
+    def _host_storages(self) -> list[HostStorage]:
+        """The staged weights, and in copy mode the host gradients' storage."""
+        extra = [self._grad_storage] if self._grad_storage is not None else []
+        return [*super()._host_storages(), *extra]
 
     def remove(self, device: torch.device | None = None) -> None:
         """Restore the offloaded parameters (onto ``device``, or where each lived) with
