@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import hydra
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # as in train.py
@@ -24,27 +23,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ["PROJECT_ROOT"] = str(ROOT)
 
-from src.utils import (  # noqa: E402
-    instantiate_callbacks,
-    instantiate_loggers,
-    log_hyperparameters,
-    own_checkpoint,
-)
+from src.utils import build, own_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test the checkpoint ``cfg.ckpt_path``; the metrics."""
-    log.info("building the datamodule <%s>", cfg.data._target_)
-    datamodule: LightningDataModule = hydra.utils.instantiate(cfg.data)
-    log.info("building the model <%s>", cfg.model._target_)
-    model: LightningModule = hydra.utils.instantiate(cfg.model)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    if loggers:
-        log_hyperparameters(cfg, model, trainer)
+    datamodule, model, trainer = build(cfg)
 
     log.info("testing the checkpoint %s", cfg.ckpt_path)
     trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, **own_checkpoint())

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
 # Make `src.` importable (the configs' `_target_`s, and the network pickled into checkpoints,
@@ -32,12 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ["PROJECT_ROOT"] = str(ROOT)
 
-from src.utils import (  # noqa: E402
-    instantiate_callbacks,
-    instantiate_loggers,
-    log_hyperparameters,
-    own_checkpoint,
-)
+from src.utils import build, own_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
 
-    log.info("building the datamodule <%s>", cfg.data._target_)
-    datamodule: LightningDataModule = hydra.utils.instantiate(cfg.data)
-    log.info("building the model <%s>", cfg.model._target_)
-    model: LightningModule = hydra.utils.instantiate(cfg.model)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    if loggers:
-        log_hyperparameters(cfg, model, trainer)
+    datamodule, model, trainer = build(cfg)
 
     if cfg.get("train"):
         log.info("fitting")

@@ -1,5 +1,5 @@
-"""Helpers the entry points share: build callbacks and loggers from their config nodes, and
-send the run's settings to the loggers."""
+"""Helpers the entry points share: build the datamodule, model, callbacks, loggers and Trainer
+from their config nodes, and send the run's settings to the loggers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import hydra
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,6 +53,21 @@ def log_hyperparameters(cfg: DictConfig, model: LightningModule, trainer: Traine
         settings[key] = cfg.get(key)
     for logger in trainer.loggers:
         logger.log_hyperparams(settings)
+
+
+def build(cfg: DictConfig) -> tuple[LightningDataModule, LightningModule, Trainer]:
+    """The datamodule, the model and the Trainer (with the callbacks and loggers of ``cfg``),
+    the run's settings sent to the loggers."""
+    log.info("building the datamodule <%s>", cfg.data._target_)
+    datamodule: LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("building the model <%s>", cfg.model._target_)
+    model: LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    if loggers:
+        log_hyperparameters(cfg, model, trainer)
+    return datamodule, model, trainer
 
 
 def own_checkpoint() -> dict[str, Any]:
