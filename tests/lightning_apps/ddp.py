@@ -117,6 +117,10 @@ def main() -> None:
     }
     rank = torch.distributed.get_rank()
     torch.save(results, out / f"rank{rank}.pt")
+    # Lightning leaves the process group up; gloo's threads torn down at interpreter exit
+    # can abort a rank ("terminate called without an active exception"): end it here.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
