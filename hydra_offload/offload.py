@@ -193,6 +193,7 @@ def apply_offload(
     *,
     zero_copy: bool | None = None,
     processes_per_node: int | None = None,
+    host_bytes_available: int | None = None,
 ) -> OffloadHandle:
     """Offload part of ``model``'s weights to host memory, as ``config`` says.
 
@@ -206,6 +207,13 @@ def apply_offload(
         processes_per_node: how many processes on this machine offload a replica at once
             (data parallel ranks): the host memory check counts them all. ``None``:
             ``LOCAL_WORLD_SIZE`` from the environment (torchrun sets it), else 1.
+        host_bytes_available: the host memory, in bytes, that the check compares with: what
+            was available before any of those processes offloaded. ``None``: ``MemAvailable``
+            read now (no check where it cannot be read). Ranks that apply one after another
+            must pass a figure every rank read before any of them applied (read, barrier,
+            apply, as :class:`~hydra_offload.OffloadCallback` does): read later, it already
+            lacks what earlier ranks took, which the check, counting every process, would
+            count twice.
 
     Returns:
         The handle: ``plan``, ``stats``, ``remove()``; a context manager.
@@ -217,11 +225,27 @@ def apply_offload(
             modified.
         hydra_offload.OffloadConfigError: the configuration is invalid.
         hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
+        ValueError: ``processes_per_node`` is below 1 or ``host_bytes_available`` below 0.
 
     A failure half-way (host or device memory exhausted) restores the model before raising.
     While the offload is active, ``.to()`` / ``.cuda()`` / ``.half()``... that would move or
     convert an offloaded parameter raise :class:`OffloadError` without changing anything;
     moves that leave offloaded parameters where they are (onto the compute device) work.
+
+    The host memory check counts the offloaded weights and the gradients of the trainable
+    ones, in each process on the node. Training may need more that it cannot know in
+    advance (gradient accumulation's staging buffers, optimizer state kept in host memory):
+    the refusal's message says how much.
+
+    Example (8 data parallel ranks; each rank read the same figure before any applied):
+        >>> from hydra_offload.models import DecoderLM
+        >>> model = DecoderLM(num_layers=4).requires_grad_(False)
+        >>> config = {"prefetch": {"offload_group_size": 2}}
+        >>> apply_offload(model, config, processes_per_node=8,
+        ...               host_bytes_available=64 << 30).remove()
+        >>> apply_offload(model, config, processes_per_node=8, host_bytes_available=1 << 20)
+        Traceback (most recent call last):
+        hydra_offload.errors.OffloadError: offloading needs ... of the 8 processes ...
     """
     config = to_offload_config(config)
     for module in model.modules():
@@ -232,7 +256,9 @@ def apply_offload(
             )
     plan = plan_offload(model, config)
     params = dict(model.named_parameters())
-    _check_offloadable(model, plan, params, _processes_on_node(processes_per_node))
+    _check_offloadable(
+        model, plan, params, _processes_on_node(processes_per_node), host_bytes_available
+    )
     runtime = runtime_for(_compute_device(model, device))
     counters = Counters()
     saved = None
@@ -289,9 +315,23 @@ _FOREIGN_HOOKS = {
 
 
 def _check_offloadable(
-    model: nn.Module, plan: OffloadPlan, params: dict[str, nn.Parameter], processes: int
+    model: nn.Module,
+    plan: OffloadPlan,
+    params: dict[str, nn.Parameter],
+    processes: int,
+    host_bytes_available: int | None = None,
 ) -> None:
-    """Refuse, before anything is modified, what the backends cannot serve correctly."""
+    """Refuse, before anything is modified, what the backends cannot serve correctly.
+
+    Host memory: the offloaded weights and the gradients of the trainable ones, times
+    ``processes``, against ``host_bytes_available`` (``None``: ``MemAvailable`` now).
+    """
+    if host_bytes_available is not None and host_bytes_available < 0:
+        raise ValueError(
+            f"host_bytes_available must be >= 0 or None, got {host_bytes_available}: pass the "
+            "bytes of host memory available before any process offloaded, or None to read "
+            "MemAvailable now"
+        )
     for module_name, module in model.named_modules():
         for attribute, owner in _FOREIGN_HOOKS.items():
             if getattr(module, attribute, None) is not None:
@@ -323,15 +363,42 @@ def _check_offloadable(
         weights += planned.nbytes
         if param.requires_grad:
             grads += planned.nbytes  # its gradient lives in host memory too
-    available = _available_host_bytes()
+    given = host_bytes_available is not None
+    available = host_bytes_available if given else _available_host_bytes()
     needed = (weights + grads) * processes
     if available is not None and needed > available:
-        what = f"{weights:,} bytes of weights" + (f" and {grads:,} of gradients" if grads else "")
+        what = f"{weights:,} bytes of weights" + (
+            f" and {grads:,} of gradients of the trainable ones" if grads else ""
+        )
         each = f" in each of the {processes} processes on this node" if processes > 1 else ""
+        when = "were available before offloading began" if given else "are available"
         raise OffloadError(
             f"offloading needs {needed:,} bytes of host memory ({what}{each}) but only "
-            f"{available:,} are available; lower cpu_offload_gb or offload fewer layers"
+            f"{available:,} {when}; lower cpu_offload_gb or offload fewer layers"
+            + _training_extra(plan.backend, grads)
         )
+
+
+def _training_extra(backend: str, grads: int) -> str:
+    """What training adds in host memory that the check cannot count, as the end of its
+    message: nothing without trainable offloaded weights.
+
+    Where the optimizer steps on host weights (prefetch, UVA in copy mode), a gradient that
+    arrives while the last one is still held (gradient accumulation, ``zero_grad(
+    set_to_none=False)``) is staged in a second buffer as large as the gradients, and the
+    optimizer makes its state there. Neither is known when the offload is applied, and
+    counting them always would refuse runs that never need them. UVA's zero-copy views
+    accumulate in place and leave the optimizer's state on the device.
+    """
+    if not grads:
+        return ""
+    where = "prefetch" if backend == "prefetch" else "UVA in copy mode"
+    return (
+        f". Training needs more host memory, which this check cannot know in advance: with "
+        f"{where}, gradient accumulation stages each new gradient in a second buffer (as large "
+        f"as the gradients: {grads:,} bytes per process) and the optimizer keeps its state for "
+        f"these weights in host memory (AdamW's two moments: {2 * grads:,} bytes per process)"
+    )
 
 
 def _processes_on_node(processes: int | None) -> int:

@@ -7,6 +7,9 @@ few CUDA runtime calls host storage makes, installed through ``cudart.set_runtim
 the runtime's semantics that matter here (registered ranges, the per-thread last error, the
 current device) and records every call, so the order and arguments of *our* calls can be
 checked. The tests marked ``cuda`` check the same on a real device.
+
+The last section checks ``apply_offload``'s up-front host-memory check against a stand-in
+for ``MemAvailable``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any
 import pytest
 import torch
 
+from hydra_offload import OffloadError, OffloadHandle, apply_offload, offload
+from hydra_offload.models import DecoderLM
+from hydra_offload.plan import plan_offload
 from hydra_offload.runtime import cudart
 from hydra_offload.runtime import host as host_module
 from hydra_offload.runtime.cudart import MEMORY_HOST, MEMORY_UNREGISTERED, PointerAttributes
@@ -807,3 +813,131 @@ def test_a_state_dict_of_several_dtypes_in_host_storage_can_be_saved(tmp_path):
     torch.save(state, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt")
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+# --------------------------------------------------------------------------------------------
+# The host-memory check of apply_offload
+# --------------------------------------------------------------------------------------------
+
+PREFETCH = {"prefetch": {"offload_group_size": 2}}
+UVA = {"uva": {"cpu_offload_gb": 1.0}}
+
+
+def small_decoder(*, trainable: bool) -> DecoderLM:
+    torch.manual_seed(0)
+    model = DecoderLM(num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64)
+    return model.requires_grad_(trainable)
+
+
+def counted(model: DecoderLM, config: dict) -> tuple[int, int]:
+    """What the check counts for one process: offloaded weights, gradients of trainable ones."""
+    params = dict(model.named_parameters())
+    planned = plan_offload(model, config).params
+    return (
+        sum(p.nbytes for p in planned),
+        sum(p.nbytes for p in planned if params[p.name].requires_grad),
+    )
+
+
+class Node:
+    """``MemAvailable`` of a node whose processes offload one after another: it drops by the
+    host memory each offload applied so far holds."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.handles: list[OffloadHandle] = []
+
+    def __call__(self) -> int:
+        return self.free - sum(h.stats.host_bytes for h in self.handles)
+
+
+@pytest.fixture
+def node(monkeypatch: pytest.MonkeyPatch) -> Node:
+    """Sets the node's free memory: ``node.free = ...``; offloads appended to ``node.handles``
+    take theirs from it (and are removed at the end)."""
+    fake = Node(0)
+    monkeypatch.setattr(offload, "_available_host_bytes", fake)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    yield fake
+    for handle in fake.handles:
+        handle.remove()
+
+
+def test_ranks_offloading_one_after_another_check_against_memory_before_any_of_them(node):
+    ranks = 4
+    models = [small_decoder(trainable=False) for _ in range(ranks)]
+    weights, _ = counted(models[0], PREFETCH)
+    node.free = ranks * weights  # exactly what the four replicas need
+    before = offload._available_host_bytes()  # every rank reads it, then a barrier
+    for model in models:
+        node.handles.append(
+            apply_offload(model, PREFETCH, processes_per_node=ranks, host_bytes_available=before)
+        )
+    assert all(h.active for h in node.handles)
+    assert offload._available_host_bytes() <= 0  # the node's memory really is taken now
+
+
+def test_reading_memory_as_each_rank_applies_counts_earlier_ranks_twice(node):
+    # Why the figure from before any rank offloaded is needed: read at apply time, the second
+    # rank sees memory the first one took and still counts that rank's replica.
+    models = [small_decoder(trainable=False) for _ in range(2)]
+    weights, _ = counted(models[0], PREFETCH)
+    node.free = 2 * weights
+    node.handles.append(apply_offload(models[0], PREFETCH, processes_per_node=2))
+    with pytest.raises(OffloadError, match=r"but only [\d,]+ are available;"):
+        apply_offload(models[1], PREFETCH, processes_per_node=2)
+
+
+def test_too_little_memory_before_offloading_is_refused_with_that_figure(node):
+    model = small_decoder(trainable=False)
+    weights, _ = counted(model, PREFETCH)
+    node.free = 10 * weights  # what the node has now is not what is checked
+    short = 2 * weights - 1
+    with pytest.raises(OffloadError) as refused:
+        apply_offload(model, PREFETCH, processes_per_node=2, host_bytes_available=short)
+    message = str(refused.value)
+    assert f"needs {2 * weights:,} bytes" in message
+    assert f"{weights:,} bytes of weights in each of the 2 processes on this node" in message
+    assert f"but only {short:,} were available before offloading began;" in message
+    assert "Training needs more" not in message  # nothing offloaded trains
+    with pytest.raises(ValueError, match="host_bytes_available must be >= 0 or None, got -1"):
+        apply_offload(model, PREFETCH, host_bytes_available=-1)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # nothing was applied
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [pytest.param(PREFETCH, "with prefetch,", id="prefetch"),
+     pytest.param(UVA, "with UVA in copy mode,", id="uva")],
+)  # fmt: skip
+def test_a_refusal_with_trainable_weights_names_what_training_adds_uncounted(node, config, where):
+    model = small_decoder(trainable=True)
+    weights, grads = counted(model, config)
+    assert grads == weights > 0
+    with pytest.raises(OffloadError) as refused:
+        apply_offload(model, config, host_bytes_available=weights + grads - 1)
+    message = str(refused.value)
+    assert f"{weights:,} bytes of weights and {grads:,} of gradients of the trainable" in message
+    assert "this check cannot know in advance" in message
+    assert where in message
+    assert f"gradient accumulation stages each new gradient in a second buffer (as large as " \
+        f"the gradients: {grads:,} bytes per process)" in message  # fmt: skip
+    assert f"AdamW's two moments: {2 * grads:,} bytes per process" in message
+
+
+def test_gradient_accumulation_takes_a_second_gradients_worth_of_host_memory(node):
+    # What the refusal says training adds and the check does not count (prefetch).
+    model = small_decoder(trainable=True)
+    node.free = 1 << 40
+    handle = apply_offload(model, PREFETCH)
+    node.handles.append(handle)
+    ids = torch.randint(0, 1024, (2, 8))
+    held = [handle.stats.host_bytes]
+    for _ in range(3):  # three micro-batches, no zero_grad between them
+        model(ids).sum().backward()
+        held.append(handle.stats.host_bytes)
+    weights, grads, staging = held[0], held[1] - held[0], held[2] - held[1]
+    assert weights >= counted(model, PREFETCH)[0]
+    assert grads >= counted(model, PREFETCH)[1] > 0
+    assert staging == grads  # the staging buffer has the gradients' layouts
+    assert held[3] == held[2]  # allocated once
