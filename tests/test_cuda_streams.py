@@ -854,13 +854,25 @@ def test_moving_offloaded_weights_off_the_device_is_refused_and_onto_it_goes_thr
     model = decoder().eval()
     ids = token_ids()[0]
     expected = model(ids)
-    with apply_offload(model, config, zero_copy=zero_copy):
+    with apply_offload(model, config, zero_copy=zero_copy) as handle:
         devices = {n: p.device for n, p in model.named_parameters()}
-        for move in (lambda m: m.cpu(), lambda m: m.to("cpu"), lambda m: m.layers[1].cpu()):
+        # Copy mode: between forwards the offloaded weights are their host tensors, which
+        # `.cpu()` leaves as they are; the move is refused all the same.
+        on_host = {n for n, p in model.named_parameters() if p.device.type == "cpu"}
+        assert on_host == (set(handle.plan.offloaded_params) if zero_copy is False else set())
+        moves = (
+            lambda m: m.cpu(),
+            lambda m: m.to("cpu"),
+            lambda m: m.layers[1].cpu(),
+            lambda m: m.to("cpu", torch.float32),
+        )
+        for move in moves:
             with pytest.raises(OffloadError, match="is offloaded: moving or converting it"):
                 move(model)
             assert {n: p.device for n, p in model.named_parameters()} == devices
-        if zero_copy is not False:  # copy mode keeps its parameters in host memory between
-            model.to("cuda")  # forwards: a move onto the device would detach them
-            model.cuda()
+        # Onto the compute device: offloaded weights stay where the offload serves them.
+        model.to("cuda")
+        model.cuda()
+        model.float()
+        assert {n: p.device for n, p in model.named_parameters()} == devices
         assert torch.equal(model(ids), expected)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+from torch import nn
 
-from hydra_offload import OffloadError, apply_offload
+from hydra_offload import OffloadError, apply_offload, plan_offload
 from hydra_offload.models import DecoderLM
+from hydra_offload.runtime.device import _FACTORY, DeviceRuntime
 
 CONFIGS = {
     "prefetch": {"prefetch": {"offload_group_size": 2}},
@@ -116,3 +120,102 @@ def test_a_device_move_of_offloaded_weights_is_refused_unchanged(config, move):
             move(m)
         assert {n: p.device for n, p in m.named_parameters()} == devices
         assert torch.equal(m(ids), expected)
+
+
+# A device other than the CPU, on a machine without an accelerator: the meta device as the
+# compute device. UVA serves it in copy mode, where between forwards an offloaded parameter's
+# `.data` is its host tensor, on the CPU: `.cpu()` leaves that tensor as it is, so a guard that
+# looked only at `.data` would let the move through and move everything else off the device.
+
+
+class MetaRuntime(DeviceRuntime):
+    """The meta device as compute device, with the CPU runtime's synchronous stand-ins for
+    streams and events (the accelerator runtime would ask for an allocator meta has not)."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("meta"))
+        self.is_accelerator = False
+
+
+@pytest.fixture
+def meta_compute() -> Iterator[None]:
+    token = _FACTORY.set(lambda device: MetaRuntime() if device.type == "meta" else None)
+    try:
+        yield
+    finally:
+        _FACTORY.reset(token)
+
+
+UVA_COPY = CONFIGS["uva_host"]  # with device="meta" and zero_copy=False: copy mode
+
+
+def rest_on_meta(m: nn.Module, offloaded: set[str]) -> None:
+    """Put every parameter but the ``offloaded`` ones on the meta device, where a model
+    applied to its compute device has them (without going through ``Module._apply``)."""
+    for module_name, module in m.named_modules():
+        for key, param in list(module._parameters.items()):
+            name = f"{module_name}.{key}" if module_name else key
+            if param is not None and name not in offloaded:
+                meta = torch.empty_like(param, device="meta")
+                module._parameters[key] = nn.Parameter(meta, param.requires_grad)
+
+
+def snapshot(m: nn.Module) -> dict[str, tuple[int, torch.device, torch.dtype, torch.Tensor]]:
+    """Each parameter's object, device, dtype, and values (a copy; meta has none)."""
+    return {n: (id(p), p.device, p.dtype, p.detach().clone()) for n, p in m.named_parameters()}
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert after.keys() == before.keys()
+    for name, (obj, device, dtype, values) in before.items():
+        assert after[name][:3] == (obj, device, dtype), name
+        assert values.is_meta or torch.equal(after[name][3], values), name
+
+
+OFF_DEVICE_MOVES = {
+    "cpu": lambda m: m.cpu(),
+    "to_cpu": lambda m: m.to("cpu"),
+    "to_cpu_float32": lambda m: m.to("cpu", torch.float32),
+    "submodule_cpu": lambda m: m.layers[1].cpu(),
+}
+
+
+@pytest.mark.usefixtures("meta_compute")
+@pytest.mark.parametrize("rest", ["on_compute_device", "on_cpu"])
+@pytest.mark.parametrize("move", OFF_DEVICE_MOVES.values(), ids=OFF_DEVICE_MOVES.keys())
+def test_a_move_off_the_compute_device_is_refused_in_uva_copy_mode_unchanged(move, rest):
+    m = model()
+    offloaded = set(plan_offload(m, UVA_COPY).offloaded_params)
+    assert "layers.1.mlp.up_proj.weight" in offloaded
+    if rest == "on_compute_device":
+        rest_on_meta(m, offloaded)
+    with apply_offload(m, UVA_COPY, device="meta", zero_copy=False) as handle:
+        assert handle.device == torch.device("meta")
+        # Between forwards the offloaded weights are their host tensors, on the CPU already.
+        assert all(p.device.type == "cpu" for n, p in m.named_parameters() if n in offloaded)
+        before = snapshot(m)
+        with pytest.raises(OffloadError, match="is offloaded: moving or converting it") as err:
+            move(m)
+        assert "compute device meta" in str(err.value)
+        assert_same(before, snapshot(m))
+
+
+@pytest.mark.usefixtures("meta_compute")
+def test_a_move_onto_the_compute_device_leaves_uva_copy_weights_in_host_memory():
+    m = model()
+    expected = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with apply_offload(m, UVA_COPY, device="meta", zero_copy=False) as handle:
+        offloaded = set(handle.plan.offloaded_params)
+        params = dict(m.named_parameters())
+        m.to("meta")
+        m.float()
+        m.layers[1].to(torch.device("meta"), torch.float32)
+        for name, param in m.named_parameters():
+            if name in offloaded:  # the same object, still the host tensor the offload serves
+                assert param is params[name], name
+                assert param.device.type == "cpu", name
+                assert torch.equal(param, expected[name]), name
+            else:
+                assert param.is_meta, name
+    for name, param in m.named_parameters():
+        assert param.device.type == ("cpu" if name in offloaded else "meta"), name

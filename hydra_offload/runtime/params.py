@@ -52,6 +52,9 @@ class OffloadedParam:
     """The true weights, in host storage (same shape, stride and dtype as the parameter)."""
     home: torch.device
     """The device the parameter lived on before offloading; ``restore`` puts it back there."""
+    compute: torch.device
+    """The compute device the offload serves it on (whatever ``.data`` points at between
+    forwards: a pool slot, a zero-copy view, or host memory in UVA copy mode)."""
 
 
 @dataclass
@@ -74,7 +77,7 @@ def stage_to_host(params: Sequence[tuple[str, nn.Parameter]], runtime: DeviceRun
         with torch.no_grad():
             for (name, param), host in zip(params, storage.tensors, strict=True):
                 host.copy_(param.detach())
-                staged.append(OffloadedParam(name, param, host, param.device))
+                staged.append(OffloadedParam(name, param, host, param.device, runtime.device))
     except BaseException:
         storage.free()
         raise
@@ -101,14 +104,20 @@ def restore(params: Sequence[OffloadedParam], device: torch.device | None = None
 
 
 class MoveGuard:
-    """Refuses ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()``... that would replace an
-    offloaded parameter's tensor while the offload is active.
+    """Refuses ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()``... that would move an offloaded
+    parameter off the compute device or convert it, while the offload is active.
 
     Such a move would detach the parameter from the storage the offload serves it from (a
     pool slot, a zero-copy view, host memory): the layer would then compute with a stale copy.
-    Moves that leave offloaded parameters as they are (``model.to(device)`` onto the compute
-    device they already live on) go through. The check runs on the module the call is made
-    on, over every offloaded parameter below it, before anything is changed.
+    What a move does is judged on the compute device, whatever ``.data`` points at right now:
+    between forwards an offloaded parameter may be its host tensor (UVA copy mode, prefetch
+    after a backward), which ``.cpu()`` would leave as it is while moving everything else.
+    So a move is refused unless it leaves a tensor of the parameter's dtype on the compute
+    device as it is (``model.to(device)`` onto the compute device, ``.float()`` of a float
+    model); the check runs on the module the call is made on, over every offloaded parameter
+    below it, before anything is changed. A move that goes through leaves offloaded
+    parameters and their gradients as they are (the offload keeps them where it serves them)
+    and moves the rest.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[OffloadedParam]) -> None:
@@ -125,20 +134,61 @@ class MoveGuard:
     @staticmethod
     def _apply(below: list[OffloadedParam], original: Any, fn: Any, *args: Any, **kw: Any) -> Any:
         for entry in below:
-            data = entry.param.data
-            if fn(data) is not data:
+            problem = _move_problem(entry, fn)
+            if problem is not None:
                 raise OffloadError(
                     f"{entry.name} is offloaded: moving or converting it (.to(), .cuda(), "
-                    ".cpu(), .half(), ...) would detach it from its offloaded storage. Call "
-                    "remove() on the offload handle first; nothing was changed"
+                    f".cpu(), .half(), ...) would detach it from its offloaded storage "
+                    f"({problem}). Call remove() on the offload handle first (remove(device=...) "
+                    "puts the offloaded weights on that device); nothing was changed"
                 )
-        return original(fn, *args, **kw)
+        kept = {id(t): t for e in below for t in (e.param, e.param.grad) if t is not None}
+        return original(partial(_keeping, kept, fn), *args, **kw)
 
     def remove(self) -> None:
         for module, patch in self.patches:
             if module.__dict__.get("_apply") is patch:
                 del module.__dict__["_apply"]
         self.patches = []
+
+
+def _move_problem(entry: OffloadedParam, fn: Any) -> str | None:
+    """What ``fn`` (the function ``Module._apply`` maps over tensors) would do to the
+    offloaded parameter ``entry`` that the offload cannot serve, or ``None`` when it leaves
+    the parameter as the offload serves it.
+
+    ``fn`` is first applied to an empty tensor of the parameter's dtype and dimensions on the
+    compute device (no device memory is allocated): it must return that very tensor. Where
+    ``.data`` is on the compute device, ``fn`` must return it too (a memory format
+    conversion may depend on the real shape).
+    """
+    data = entry.param.data
+    shape = (0,) * data.dim() if data.dim() else ()
+    probe = torch.empty(shape, dtype=data.dtype, device=entry.compute)
+    try:
+        with torch.no_grad():
+            moved = fn(probe)
+    except Exception as err:  # e.g. "Cannot copy out of meta tensor": a move all the same
+        return f"on its compute device {probe.device} it fails: {err}"
+    if moved is not probe:
+        if isinstance(moved, torch.Tensor) and moved.device != probe.device:
+            return f"it would go to {moved.device}, off its compute device {probe.device}"
+        if isinstance(moved, torch.Tensor) and moved.dtype != probe.dtype:
+            return f"it would become {moved.dtype} instead of {probe.dtype}"
+        return f"it would be replaced by a new tensor on {probe.device}"
+    if data.device == probe.device:
+        with torch.no_grad():
+            if fn(data) is not data:
+                return f"it would be replaced by a new tensor on {probe.device}"
+    return None
+
+
+def _keeping(kept: dict[int, torch.Tensor], fn: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """``fn(tensor)``, except for the tensors in ``kept`` (offloaded parameters and their
+    gradients, by ``id``), which stay as they are."""
+    if kept.get(id(tensor)) is tensor:
+        return tensor
+    return fn(tensor)
 
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
