@@ -9,6 +9,7 @@ imports of torch and Lightning overlap.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -19,15 +20,21 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig, open_dict
 
+from hydra_offload import LayerStackError, OffloadConfigError, OffloadError
 from hydra_offload.integrations.hydra_callback import (
     APPLIED_FILE_ENV,
     OffloadJobCallback,
     OffloadNotAppliedWarning,
     note_applied,
 )
+from hydra_offload.integrations.sweep import JOB_FILE, write_job_summary
+from hydra_offload.integrations.trial import InfeasibleTrial
 
 APP = Path(__file__).parent / "hydra_lightning_app"
 PLAIN_APP = Path(__file__).parent / "hydra_app"
@@ -200,3 +207,102 @@ def test_a_trial_of_a_searching_sweeper_is_left_to_the_app(capsys):
         callback.on_job_start(
             config=composed("offload=prefetch", bad, "hydra.mode=MULTIRUN"), task_function=print
         )
+
+
+# --- job end of a trial whose settings cannot run ------------------------------------------
+
+
+def failed_job(error: BaseException) -> JobReturn:
+    job = JobReturn(overrides=["offload.prefetch.offload_num_in_group=5"])
+    job.return_value = error
+    job.status = JobStatus.FAILED
+    return job
+
+
+@pytest.fixture
+def trial_dir(tmp_path):
+    """A Hydra trial of the Optuna sweeper, its output directory ``tmp_path``."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = composed("offload=prefetch", "hydra/sweeper=optuna", "hydra.mode=MULTIRUN")
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    yield cfg
+    HydraConfig.instance().cfg = None
+
+
+def wrapped(error: BaseException) -> BaseException:
+    """``error`` as ``hydra.utils.instantiate`` hands it on: raised from inside another."""
+    try:
+        try:
+            raise error
+        except BaseException as inner:
+            raise RuntimeError("Error in call to target 'hydra_offload.OffloadCallback'") from inner
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            OffloadConfigError([("offload.prefetch.offload_num_in_group", "got 5; too many")]),
+            "offload.prefetch.offload_num_in_group: got 5; too many",
+        ),
+        (OffloadError("the plan selects nothing"), "the plan selects nothing"),
+        (
+            LayerStackError("offload.layers: 'x' does not exist"),
+            "offload.layers: 'x' does not exist",
+        ),
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+            "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB",
+        ),
+    ],
+    ids=["config", "offload", "layer-stack", "out-of-memory"],
+)
+def test_a_trial_whose_settings_cannot_run_is_a_failed_trial_and_the_study_goes_on(
+    trial_dir, capsys, error, reason
+):
+    job = failed_job(wrapped(error))
+    OffloadJobCallback().on_job_end(config=trial_dir, job_return=job)
+    # The sweeper reads a completed job whose value float() refuses: a failed trial.
+    assert job.status == JobStatus.COMPLETED
+    assert job.return_value == InfeasibleTrial(reason)
+    with pytest.raises(ValueError, match="infeasible: "):
+        float(job.return_value)
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {reason}",
+        "the trial is recorded as failed; the study goes on",
+    ]
+    summary = json.loads((Path(HydraConfig.get().runtime.output_dir) / JOB_FILE).read_text())
+    assert summary["error"] == reason
+
+
+def test_a_failed_trials_summary_keeps_what_the_task_wrote(trial_dir):
+    write_job_summary({"backend": "prefetch", "config_hash": "abc"})
+    OffloadJobCallback().on_job_end(config=trial_dir, job_return=failed_job(OffloadError("no")))
+    summary = json.loads((Path(HydraConfig.get().runtime.output_dir) / JOB_FILE).read_text())
+    assert (summary["backend"], summary["config_hash"], summary["error"]) == (
+        "prefetch",
+        "abc",
+        "no",
+    )
+
+
+def test_other_errors_of_a_trial_are_left_as_they_are(trial_dir, capsys):
+    bug = KeyError("a bug in the task")
+    job = failed_job(bug)
+    OffloadJobCallback().on_job_end(config=trial_dir, job_return=job)
+    assert job.status == JobStatus.FAILED
+    with pytest.raises(KeyError):
+        job.return_value  # noqa: B018
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_under_the_basic_sweeper_a_failed_job_stays_failed():
+    # Its values came from the command line: the sweep ends at the job, as without the group.
+    job = failed_job(OffloadError("the plan selects nothing"))
+    cfg = composed("offload=prefetch", "hydra.mode=MULTIRUN")
+    OffloadJobCallback().on_job_end(config=cfg, job_return=job)
+    assert job.status == JobStatus.FAILED

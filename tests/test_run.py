@@ -19,12 +19,12 @@ SMALL_PARAM_BYTES = 14_951_424  # the decoder at SMALL's size, float32
 OPTUNA = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.seed=0"]
 
 
-def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     dirs = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args, *dirs],
         cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "160"},  # rich tables and lines unwrapped
+        env={**os.environ, "COLUMNS": "160", **env},  # rich tables and lines unwrapped
         capture_output=True,
         text=True,
         timeout=300,
@@ -253,6 +253,29 @@ def test_an_optuna_study_minimizes_step_time_and_reports_the_best_settings(tmp_p
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4
     assert sum(bool(row["error"]) for row in rows) == len(failed)
+
+
+def test_settings_that_run_out_of_memory_are_failed_trials_and_the_study_goes_on(tmp_path):
+    # A device too small for group size 4, injected (this machine never runs out): the job
+    # frees what the trial held, reports one line and returns an InfeasibleTrial.
+    oom = "{_target_:faults.OutOfMemoryAt,value:${offload.prefetch.offload_group_size},at:4}"
+    result = run(
+        tmp_path, *OPTUNA, *SMALL, "objective=step_time", "offload=prefetch",
+        "offload.prefetch.offload_group_size=choice(2,4)", "hydra.sweeper.n_trials=4",
+        f"+callbacks.oom={oom}", PYTHONPATH=str(Path(__file__).parent / "lightning_apps"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/job_summary.json")]
+    assert len(summaries) == 4
+    failed = [s for s in summaries if "error" in s]
+    assert failed, "the seeded sampler tries both group sizes"
+    assert len(failed) < 4, "the seeded sampler tries both group sizes"
+    reason = "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB (injected at 4)"
+    assert all(s["error"] == reason for s in failed)
+    assert all(s["backend"] == "prefetch" for s in failed)  # what the trial was running
+    assert result.stderr.splitlines().count(f"error: {reason}") == len(failed)
+    best = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert best.best_params["offload.prefetch.offload_group_size"] == 2
 
 
 def test_a_multi_objective_study_reports_its_pareto_front(tmp_path):

@@ -240,8 +240,12 @@ def test_the_experiment_config_switches_the_group_and_sets_its_values(experiment
 
 @pytest.mark.parametrize(
     ("trained", "offload"),
-    [("sweep/2", "prefetch"), ("experiment", "uva")],
-    ids=["prefetch-run-evaluated-with-prefetch", "experiment-evaluated-with-uva"],
+    [("sweep/2", "prefetch"), ("sweep/1", "prefetch"), ("experiment", "uva")],
+    ids=[
+        "prefetch-run-evaluated-with-prefetch",
+        "uva-run-evaluated-with-prefetch",
+        "experiment-evaluated-with-uva",
+    ],
 )
 def test_eval_with_the_callback_gives_the_train_runs_test_metrics(
     request, tmp_path, trained, offload
@@ -269,6 +273,52 @@ def test_eval_with_the_callback_gives_the_train_runs_test_metrics(
         line for line in result.stderr.splitlines() if "Please add the following callbacks" in line
     ]
     assert not any("OffloadCallback" in line for line in missing), missing
+
+
+# --------------------------------------------------------------------------------------------
+# An Optuna study over the offload settings
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_optuna_study_records_settings_that_cannot_run_as_failed_trials_and_goes_on(
+    tmp_path,
+):
+    # The sweeper proposes offload_num_in_group in 1..4 with a group of 2: the seeded sampler
+    # proposes 3 and 4, which the config rules refuse. The app has no code for it: the
+    # group's job callback turns those trials into failed ones.
+    result = run(
+        "train.py", tmp_path, "-m", "hydra/sweeper=optuna", "offload=prefetch",
+        "offload.prefetch.offload_num_in_group=range(1,4)", "hydra.sweeper.n_trials=4",
+        "trainer.max_epochs=1",
+    )  # fmt: skip
+    sweep = tmp_path / "sweep"
+    summaries = {
+        int(path.parent.name): json.loads(path.read_text())
+        for path in sweep.glob("*/job_summary.json")
+    }
+    assert sorted(summaries) == [0, 1, 2, 3]
+    failed = {job: s["error"] for job, s in summaries.items() if "error" in s}
+    done = {job: s for job, s in summaries.items() if "error" not in s}
+    assert failed, summaries  # the seeded sampler proposes both kinds
+    assert done, summaries
+    for job, error in failed.items():
+        value = summaries[job]["overrides"].split("offload_num_in_group=")[1].split()[0]
+        assert int(value) > 2
+        assert error == (
+            f"offload.prefetch.offload_num_in_group: got {value}; offload_num_in_group "
+            f"({value}) must be <= offload_group_size (2)"
+        )
+        assert f"error: {error}" in result.stderr.splitlines()
+    assert all(s["backend"] == "prefetch" and s["step_ms"] > 0 for s in done.values())
+    assert result.stderr.count("the trial is recorded as failed; the study goes on") == len(failed)
+    assert "Failed experiment: Return value must be float-castable. Got 'infeasible: " in (
+        result.stdout
+    )
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_params["offload.prefetch.offload_num_in_group"] in (1, 2)
+    with (sweep / "sweep_summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sum(bool(row["error"]) for row in rows) == len(failed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,15 @@ selects the group, single run or ``--multirun``, gets two checks without code of
   problem on stderr (``error: offload.prefetch.offload_num_in_group: got 5; ...``) and exit
   status 2, as ``run.py`` does. In a ``--multirun`` with Hydra's basic sweeper that ends the
   sweep at the bad job (its values came from the command line). A sweeper that searches
-  (Optuna, Ax, Nevergrad) proposes the settings itself, so there a bad combination is left to
-  the app, to report as a failed trial: ending the process would end the whole study.
+  (Optuna, Ax, Nevergrad) proposes the settings itself, and ending the process would end the
+  whole study, so there the trial runs and fails where the app validates the settings (its
+  ``OffloadCallback``), which the job end turns into a failed trial.
+- **At job end of a trial of a searching sweeper** whose task raised because its settings
+  cannot run (a refused setting, a layer stack the model lacks, out of memory: see
+  :func:`~hydra_offload.integrations.trial.infeasible_reason`), the error is reported in one
+  line and written into the job's ``job_summary.json``, and the trial returns an
+  :class:`~hydra_offload.integrations.trial.InfeasibleTrial`: the sweeper records a failed
+  trial and goes on with the study. Other errors are left as they are.
 - **At job end**, when a node selects a backend (its resolved backend is not ``none``) and no
   :class:`~hydra_offload.OffloadCallback` applied an offload during the job, one
   :class:`OffloadNotAppliedWarning` says so and how to fix it. The usual causes: a config that
@@ -35,13 +42,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
+import json
 import os
 import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -49,6 +61,8 @@ from omegaconf import DictConfig, OmegaConf
 from hydra_offload._applied import APPLIED_FILE_ENV, applied_count, note_applied
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfigError, to_offload_config
+from hydra_offload.integrations.sweep import JOB_FILE, write_job_summary
+from hydra_offload.integrations.trial import InfeasibleTrial, infeasible_reason
 
 __all__ = [
     "APPLIED_FILE_ENV",
@@ -123,13 +137,18 @@ class OffloadJobCallback(Callback):
             self._watch()
 
     # ---------------------------------------------------------------- job end
-    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def on_job_end(
+        self, config: DictConfig, job_return: JobReturn | None = None, **kwargs: Any
+    ) -> None:
+        failed = job_return is not None and job_return.status == JobStatus.FAILED
+        if failed and _searching_sweep(config):
+            _fail_trial_if_infeasible(job_return)
         if not self._selected:
             return
         applied = applied_count() > self._applied_before or _written(self._marker)
         self._stop_watching()
         selected, self._selected = self._selected, []
-        if applied or not _rank_zero():
+        if applied or failed or not _rank_zero():
             return
         for item in selected:
             warn_at_caller(_not_applied_message(item), OffloadNotAppliedWarning)
@@ -196,6 +215,47 @@ def _fail(problems: list[tuple[str, str]]) -> NoReturn:
         print(f"error: {key}: {message}", file=sys.stderr)
     sys.stderr.flush()
     raise SystemExit(2)
+
+
+def _fail_trial_if_infeasible(job_return: JobReturn) -> None:
+    """Turn a trial that raised because its settings cannot run into a completed job that
+    returns an :class:`~hydra_offload.integrations.trial.InfeasibleTrial`, which the sweeper
+    records as a failed trial before it goes on; other errors are left as they are.
+
+    The error is reported in one line and recorded in the job's ``job_summary.json`` (for
+    :class:`~hydra_offload.integrations.sweep.SweepSummary`). The exception, whose traceback
+    holds the trial's model, is dropped and the memory it held released, so the next trial
+    in this process starts from free memory.
+    """
+    # The exception is JobReturn's ``_return_value`` field (a dataclass field, as Hydra 1.3
+    # builds it); reading ``return_value`` would raise it and print "Error executing job".
+    error = job_return._return_value
+    reason = infeasible_reason(error) if isinstance(error, BaseException) else None
+    del error
+    if reason is None:
+        return
+    print("error: " + reason.replace("\n", "\nerror: "), file=sys.stderr)
+    print("the trial is recorded as failed; the study goes on", file=sys.stderr)
+    sys.stderr.flush()
+    job_return.return_value = InfeasibleTrial(reason)
+    job_return.status = JobStatus.COMPLETED
+    with contextlib.suppress(OSError, ValueError):
+        _record_error(reason)
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _record_error(reason: str) -> None:
+    """Add ``error`` to the job's summary file, written or not by the task before it failed."""
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    path = folder / JOB_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = {}
+    write_job_summary({**summary, "error": reason}, folder)
 
 
 def _written(path: str | None) -> bool:

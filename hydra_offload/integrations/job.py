@@ -10,8 +10,9 @@ host-to-device throughput. It also writes the figures to ``job_summary.json`` fo
 With ``objective`` set (``step_time``, ``peak_memory`` or a list of both) the job returns
 that figure (a list for several) instead of its summary, for a sweeper that minimizes what
 the job returns (Hydra's Optuna sweeper). In a multirun, settings that cannot run (out of
-memory, an offload or config error) then return an :class:`InfeasibleTrial`, which the Optuna
-sweeper records as a failed trial before it goes on with the study.
+memory, an offload or config error) then return an
+:class:`~hydra_offload.integrations.trial.InfeasibleTrial`, which the Optuna sweeper records as
+a failed trial before it goes on with the study.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -37,6 +37,7 @@ from hydra_offload._applied import note_applied
 from hydra_offload.config import OffloadConfig, OffloadConfigError, to_offload_config
 from hydra_offload.integrations.lightning import OffloadCallback
 from hydra_offload.integrations.sweep import write_job_summary
+from hydra_offload.integrations.trial import InfeasibleTrial
 from hydra_offload.models import LitDecoderLM, random_tokens
 from hydra_offload.offload import OffloadError
 from hydra_offload.plan import plan_offload
@@ -68,35 +69,6 @@ def fail(message: str) -> NoReturn:
     """End the job with a one-line error (one line per problem) and exit status 2."""
     print("error: " + message.replace("\n", "\nerror: "), file=sys.stderr)
     raise SystemExit(2)
-
-
-@dataclass(frozen=True)
-class InfeasibleTrial:
-    """What the job returns instead of its objective when a trial's settings cannot run.
-
-    It is not a number on purpose. hydra-optuna-sweeper (1.3) records a trial whose return
-    value ``float()`` refuses as failed, logs why, and goes on with the study. The
-    alternatives end the study: an exception does unless ``hydra.sweeper.max_failure_rate``
-    allows it, and ``nan`` makes the sweeper's own bookkeeping raise; ``inf`` would be kept as
-    a completed trial with a real value.
-
-    Example:
-        >>> trial = InfeasibleTrial("out of memory")
-        >>> str(trial)
-        'infeasible: out of memory'
-        >>> float(trial)
-        Traceback (most recent call last):
-        ...
-        ValueError: infeasible: out of memory
-    """
-
-    reason: str
-
-    def __str__(self) -> str:
-        return f"infeasible: {self.reason}"
-
-    def __float__(self) -> float:
-        raise ValueError(str(self))
 
 
 def objectives(cfg: DictConfig) -> tuple[str, ...]:
