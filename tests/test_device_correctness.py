@@ -12,6 +12,7 @@ with the run without offload is bit for bit (``torch.equal``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gc
 import io
@@ -283,6 +284,58 @@ def test_host_gradients_made_in_a_backward_under_a_meta_ambient_device_are_on_th
         assert len(storages) == 2
         assert {t.device for s in storages for t in s.tensors} == {CPU}
     handle.remove()
+
+
+class SpreadLayer(nn.Module):
+    """A layer whose weight has gaps between its elements (stride (16, 2)): a copy of it
+    (``clone()``, ``.to("cpu", copy=True)``) does not keep its strides by itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spread = nn.Parameter(torch.randn(4, 16)[:, ::2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.spread
+
+
+class SpreadStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([SpreadLayer(), SpreadLayer()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)[:, :4]
+        return x
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({"prefetch": {"offload_group_size": 1}}, id="prefetch"),
+        pytest.param(UVA, id="uva"),
+    ],
+)
+@pytest.mark.parametrize("ambient", AMBIENT_DEVICES)
+def test_pickling_weights_with_gaps_under_a_meta_ambient_device_gives_their_cpu_values(
+    ambient, config, run_on
+):
+    torch.manual_seed(0)
+    model = SpreadStack()
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with apply_offload(model, config) as handle:
+        assert set(handle.plan.offloaded_params) == set(expected)
+        with ambient():
+            copied = copy.deepcopy(model)
+            saved = io.BytesIO()
+            torch.save(model, saved)
+        saved.seek(0)
+        loaded = torch.load(saved, weights_only=False)
+        for result in (copied, loaded):
+            for name, param in result.named_parameters():
+                assert param.device == CPU, name
+                assert param.stride() == (16, 2), name
+                assert torch.equal(param, expected[name]), name
 
 
 # --------------------------------------------------------------------------------------------

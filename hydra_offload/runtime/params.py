@@ -312,7 +312,7 @@ class _TrueWeights:
         self.runtime.synchronize()
         copy = self.runtime.to_host(host)
         if copy.stride() != host.stride():  # a layout clone() does not keep (gaps, overlap)
-            exact = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype)
+            exact = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device="cpu")
             with torch.no_grad():
                 exact.copy_(copy)
             copy = exact
