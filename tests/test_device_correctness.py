@@ -686,6 +686,43 @@ def test_remove_releases_pool_host_storage_gradients_and_backend_at_once(
     assert handle.stats.pool_bytes == 0
 
 
+@pytest.mark.parametrize(("config", "zero_copy"), TRAINING_BACKENDS)
+def test_optimizer_state_in_host_memory_goes_back_with_the_parameters_on_remove(
+    config, zero_copy, simulated
+):
+    batches = token_batches(5)
+    reference = decoder()
+    expected_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR)
+    for ids in batches:
+        expected_optimizer.zero_grad()
+        lm_loss(reference, ids).backward()
+        expected_optimizer.step()
+
+    model = decoder()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    handle = apply_offload(model, config, zero_copy=zero_copy)
+    for ids in batches[:3]:
+        optimizer.zero_grad()
+        lm_loss(model, ids).backward()
+        optimizer.step()
+    offloaded = offloaded_params(model, handle)
+    assert state_kinds(optimizer, offloaded, simulated) == {"host"}  # the step ran there
+    handle.remove()
+    for name, param in model.named_parameters():
+        state = [v for v in optimizer.state[param].values() if v.dim() > 0]
+        assert len(state) == 2, name  # AdamW's two moments
+        for value in state:
+            assert simulated.kind(value) == simulated.kind(param) == "device", name
+            assert value.device == param.device, name
+    # Plain steps: the simulated device raises on an operator mixing host and device memory.
+    for ids in batches[3:]:
+        optimizer.zero_grad()
+        lm_loss(model, ids).backward()
+        optimizer.step()
+    assert_all_equal(params_of(model), params_of(reference), "parameter")
+    assert_all_equal(optimizer.state_dict()["state"], expected_optimizer.state_dict()["state"])
+
+
 # --------------------------------------------------------------------------------------------
 # 5. The measured wait for copies counts every wait
 # --------------------------------------------------------------------------------------------
