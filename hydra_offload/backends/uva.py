@@ -13,6 +13,9 @@ Three ways to serve a module its offloaded weights, chosen at apply time:
   gives them a fresh device copy on the compute stream, and the post-forward hook points them
   back at host memory, releasing the copy.
 
+In every mode, casts ``torch.autocast`` caches (with its cache on) are dropped after each
+module that owns offloaded weights, so no lower-precision copy of them outlives its module.
+
 Training. Zero-copy: gradients are accumulated into zero-copy views of page-locked host
 memory. Copy mode: gradients go to host memory as autograd produces them
 (:class:`~hydra_offload.runtime.grads.HostGradients`), and the optimizer steps on the host
@@ -82,8 +85,7 @@ class UVAOffload(StagedOffload):
                 point_at([(e.param, v) for e, v in zip(self.staged.params, views, strict=True)])
             else:
                 point_at([(e.param, e.host) for e in self.staged.params])
-            if self.mode == "copy":
-                self._hook_owners(model)
+            self._hook_owners(model)
             if self.mode != "host":
                 self._hook_grads()
         except BaseException:
@@ -111,15 +113,25 @@ class UVAOffload(StagedOffload):
         return views
 
     def _hook_owners(self, model: nn.Module) -> None:
+        """Hooks on each module that owns offloaded weights. Copy mode: a device copy before
+        its forward, released after it. Every mode: autocast's cached casts dropped after
+        it (see :meth:`DeviceRuntime.forget_cached_casts`), so no cast of a weight in host
+        memory (or read through a zero-copy view) outlives the module that used it."""
         entry_of = {id(e.param): e for e in self.staged.params}
         for module in model.modules():
             owned = [entry_of[id(p)] for p in module._parameters.values() if id(p) in entry_of]
-            if owned:
+            if not owned:
+                continue
+            if self.mode == "copy":
                 self._hooks += [
                     module.register_forward_pre_hook(partial(self._fetch, owned)),
                     module.register_forward_hook(partial(self._release, owned), always_call=True),
                     module.register_load_state_dict_pre_hook(self._before_load),
                 ]
+            else:
+                self._hooks.append(
+                    module.register_forward_hook(self._forget_casts, always_call=True)
+                )
 
     def _fetch(self, owned: list[OffloadedParam], module: nn.Module, args: Any) -> None:
         device = self.runtime.device
@@ -147,6 +159,11 @@ class UVAOffload(StagedOffload):
         for entry in owned:
             entry.param.data = entry.host
         self.runtime.forget_cached_casts()
+
+    def _forget_casts(self, module: nn.Module, args: Any, out: Any) -> None:
+        """After a module that owns offloaded weights (zero-copy and host modes)."""
+        if not torch.compiler.is_compiling():  # compiled casts are not cached
+            self.runtime.forget_cached_casts()
 
     def _before_load(self, *args: Any) -> None:
         # A copy out of host storage may still be under way: let it finish before the
