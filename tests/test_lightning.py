@@ -30,9 +30,12 @@ from hydra_offload import (
     OffloadCallback,
     OffloadConfig,
     OffloadConfigError,
+    OffloadError,
     apply_offload,
+    offload,
     to_offload_config,
 )
+from hydra_offload.integrations import lightning as lightning_integration
 from hydra_offload.integrations.lightning import PLAN_FILE
 from hydra_offload.integrations.sweep import COLUMNS
 from hydra_offload.models import DecoderLM, LitDecoderLM, random_tokens
@@ -878,6 +881,56 @@ def test_a_none_config_leaves_the_module_alone():
     assert "configure_model" not in lit.__dict__
 
 
+def test_host_memory_is_checked_for_every_device_against_one_reading_before_offloading(
+    monkeypatch,
+):
+    # Under DDP the ranks of a node offload one after another: each must check against what
+    # the node had before any of them offloaded, for all of them (the Trainer's devices).
+    devices = 3
+    monkeypatch.setattr(Trainer, "num_devices", property(lambda self: devices))
+    lit = module()
+    params = dict(lit.named_parameters())
+    planned = lightning_integration.plan_offload(lit, PREFETCH).params
+    per_process = sum(p.nbytes * (2 if params[p.name].requires_grad else 1) for p in planned)
+    events: list[str] = []
+    available = [devices * per_process - 1]
+
+    def read_host_memory() -> int:
+        events.append("read")
+        return available[0]
+
+    def all_gather(tensor, *args, **kwargs):
+        events.append("exchange")
+        return tensor
+
+    applied: list[dict] = []
+    real_apply = lightning_integration.apply_offload
+
+    def apply_offload(*args, **kwargs):
+        events.append("apply")
+        applied.append(kwargs)
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(offload, "_available_host_bytes", read_host_memory)
+    monkeypatch.setattr(lightning_integration, "apply_offload", apply_offload)
+    refused = trainer(OffloadCallback(PREFETCH))
+    monkeypatch.setattr(refused.strategy, "all_gather", all_gather)
+    with pytest.raises(OffloadError) as error:
+        refused.predict(lit, tokens())
+    assert f"in each of the {devices} processes on this node" in str(error.value)
+    assert f"only {available[0]:,} were available before offloading began" in str(error.value)
+    # Read on this rank, exchanged with the others (a barrier), only then applied.
+    assert events == ["read", "exchange", "apply"]
+    assert applied[-1]["processes_per_node"] == devices
+    assert applied[-1]["host_bytes_available"] == available[0]
+
+    available[0] += 1  # now the three replicas fit
+    callback = OffloadCallback(PREFETCH)
+    run("predict", lit, callback)
+    assert callback.last_stats is not None
+    assert callback.last_stats.forwards > 0
+
+
 def test_on_the_cpu_it_warns_once_that_offloading_saves_no_memory():
     callback = OffloadCallback(PREFETCH)
     lit = module()
@@ -1025,10 +1078,25 @@ def test_ddp_fit_with_trainable_offloaded_parameters_is_synced_or_refused_on_eve
 
 
 @pytest.mark.slow
+def test_under_ddp_both_ranks_check_host_memory_against_the_least_figure_read_before_either(
+    ddp_results,
+):
+    # ddp.py: a node with just enough host memory for both replicas; rank 1 reads it only once
+    # rank 0 has offloaded (or after 2 s), and one byte less than rank 0.
+    for rank in ddp_results:
+        result = rank["predict_host_memory"]
+        assert result["error"] is None
+        assert result["processes_per_node"] == 2
+        assert result["host_bytes_available"] == result["needed"]  # rank 1's, before any offload
+        assert result["forwards"] > 0
+
+
+@pytest.mark.slow
 def test_under_ddp_only_rank_zero_logs_the_plan(ddp_run):
-    # Two runs offloaded (fit with frozen layers, predict); rank 1 prints to the same output.
+    # Three runs offloaded (fit with frozen layers, two predicts); rank 1 prints to the same
+    # output.
     _, output = ddp_run
-    assert output.count("Offload plan: prefetch") == 2
+    assert output.count("Offload plan: prefetch") == 3
 
 
 def test_the_callbacks_warnings_point_at_the_users_line():

@@ -13,6 +13,10 @@ callback ``setup`` -> ``configure_model`` -> ``strategy.setup`` (precision
   just before offloading, so host storage already has the final dtype and the strategy's own
   conversion finds nothing left to convert (converting afterwards would re-materialise the
   weights on the device).
+- The host-memory check counts every process on the node (``trainer.num_devices``) against
+  what was available before any of them offloaded: every rank reads ``MemAvailable``, the
+  ranks exchange their readings (an all-gather, so none allocates before all have read) and
+  all check against the least, so they refuse or go on together.
 - Offloaded parameters then point at device memory the offload owns (slots, zero-copy views),
   so the strategy's ``module.to(device)`` leaves them where they are.
 - Under DDP the offloaded parameters are listed in the module's
@@ -60,6 +64,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from hydra_offload import offload as _offload
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, to_offload_config
 from hydra_offload.integrations.sweep import write_job_summary
@@ -321,7 +326,11 @@ class OffloadCallback(Callback):
         if isinstance(precision, (HalfPrecision, DoublePrecision)):
             precision.convert_module(pl_module)
         self.handle = apply_offload(
-            pl_module, self.config, device, processes_per_node=trainer.num_devices
+            pl_module,
+            self.config,
+            device,
+            processes_per_node=trainer.num_devices,
+            host_bytes_available=self._host_bytes_before_offloading(trainer),
         )
         self._ddp_ignored_before = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         ignored = list(self._ddp_ignored_before or [])
@@ -329,6 +338,32 @@ class OffloadCallback(Callback):
         pl_module._ddp_params_and_buffers_to_ignore = ignored
         self._module = pl_module
         self._show_plan(trainer, pl_module, self.handle.plan)
+
+    def _host_bytes_before_offloading(self, trainer: Trainer) -> int | None:
+        """The host memory each rank's offload is checked against: read on every rank
+        before any of them allocates, and the same figure on all of them (``None`` where it
+        cannot be read).
+
+        Every rank reads ``MemAvailable``, then the ranks exchange their readings (an
+        all-gather: no rank leaves it before every rank has read) and all take the least (on
+        several nodes, that of the node with the least: a node short of memory stops every
+        rank alike).
+        So no rank checks against a reading already lowered by another rank's offload, which
+        the check, counting every process on the node, would count twice; and all ranks
+        refuse or go on together, rather than one raising while the others wait for it in the
+        strategy's next collective. Every rank gets here (Lightning calls ``configure_model``
+        on each), and what is refused before (trainable offloaded weights under DDP) is
+        refused on all. With one process the exchange returns the reading as it is.
+        """
+        reading = _offload._available_host_bytes()
+        mine = torch.tensor(
+            -1 if reading is None else reading,
+            dtype=torch.int64,
+            device=trainer.strategy.root_device,
+        )
+        readings = trainer.strategy.all_gather(mine)
+        known = readings[readings >= 0]
+        return int(known.min()) if known.numel() else None
 
     def _refuse_trainable_offloaded(self, pl_module: LightningModule) -> None:
         """Offloaded parameters are kept out of DDP's gradient sync, so under several

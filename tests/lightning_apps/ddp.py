@@ -5,19 +5,23 @@
 Every rank writes ``OUT_DIR/rank<R>.pt``: for each run, the error it raised (if any), the
 final parameters, the names DDP was told to ignore, the offloaded parameter names and, for
 predict, the input ids and logits of each batch it predicted and the number of CPU threads it
-ran with (Lightning sets it).
+ran with (Lightning sets it); for the predict run whose host-memory check reads a stand-in for
+``MemAvailable``, the figures its check was given.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
 from common import QUIET, tiny_module, tokens
 from lightning.pytorch import Callback, Trainer
 
-from hydra_offload import OffloadCallback
+from hydra_offload import OffloadCallback, offload
+from hydra_offload.integrations import lightning as lightning_integration
+from hydra_offload.plan import plan_offload
 
 PREFETCH = {"prefetch": {"offload_group_size": 2}}
 # Trainable offloaded weights (the MLPs) under DDP: they must stay in sync, or be refused.
@@ -105,6 +109,61 @@ def predict(config) -> dict:
     }
 
 
+def predict_checking_host_memory(out: Path) -> dict:
+    """Predict with the host-memory check reading a stand-in for ``MemAvailable``: a node with
+    just enough memory for both replicas, whose figure drops by what each rank's offload
+    holds. Rank 1 reads it only once rank 0 has offloaded, or after 2 s: a rank that checked
+    against its own reading at apply time would see rank 0's replica gone from the node and
+    count it again, and refuse. Rank 1 reads one byte less than rank 0, so the figure both
+    checked against shows whether they agree on the least."""
+    rank = torch.distributed.get_rank()
+    module = tiny_module()
+    params = dict(module.named_parameters())
+    planned = plan_offload(module, PREFETCH).params
+    needed = 2 * sum(p.nbytes * (2 if params[p.name].requires_grad else 1) for p in planned)
+    marks = out / "host_memory"
+    marks.mkdir(exist_ok=True)
+
+    def read_host_memory() -> int:
+        deadline = time.monotonic() + 2.0
+        while rank == 1 and not (marks / "offloaded0").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        taken = sum(int(mark.read_text()) for mark in marks.glob("offloaded*"))
+        return needed + 1 - rank - taken
+
+    given: dict = {}
+    real_apply = lightning_integration.apply_offload
+
+    def apply_offload(*args, **kwargs):
+        given.update(kwargs)
+        handle = real_apply(*args, **kwargs)
+        written = marks / f".offloaded{rank}"  # then renamed: never read half-written
+        written.write_text(str(handle.stats.host_bytes))
+        written.replace(marks / f"offloaded{rank}")
+        return handle
+
+    real_read = offload._available_host_bytes
+    offload._available_host_bytes = read_host_memory
+    lightning_integration.apply_offload = apply_offload
+    callback = OffloadCallback(PREFETCH)
+    try:
+        trainer(callback).predict(module, tokens(), return_predictions=False)
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+    else:
+        error = None
+    finally:
+        offload._available_host_bytes = real_read
+        lightning_integration.apply_offload = real_apply
+    return {
+        "error": error,
+        "needed": needed,
+        "processes_per_node": given.get("processes_per_node"),
+        "host_bytes_available": given.get("host_bytes_available"),
+        "forwards": callback.last_stats.forwards if callback.last_stats is not None else 0,
+    }
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     results = {
@@ -114,6 +173,7 @@ def main() -> None:
         "fit_plain": fit(None, frozen=False),
         "predict_prefetch": predict(PREFETCH),
         "predict_plain": predict(None),
+        "predict_host_memory": predict_checking_host_memory(out),
     }
     rank = torch.distributed.get_rank()
     torch.save(results, out / f"rank{rank}.pt")
