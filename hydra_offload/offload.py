@@ -39,7 +39,14 @@ from hydra_offload.runtime.host import proc_bytes
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
 from hydra_offload.stats import OffloadStats
 
-__all__ = ["OffloadError", "OffloadHandle", "OffloadStats", "apply_offload", "get_offload_handle"]
+__all__ = [
+    "OffloadError",
+    "OffloadHandle",
+    "OffloadStats",
+    "apply_offload",
+    "available_host_bytes",
+    "get_offload_handle",
+]
 
 # Every module of every model with an active offload, so a second apply is refused (and
 # get_offload_handle finds the handle).
@@ -364,7 +371,7 @@ def _check_offloadable(
         if param.requires_grad:
             grads += planned.nbytes  # its gradient lives in host memory too
     given = host_bytes_available is not None
-    available = host_bytes_available if given else _available_host_bytes()
+    available = host_bytes_available if given else available_host_bytes()
     needed = (weights + grads) * processes
     if available is not None and needed > available:
         what = f"{weights:,} bytes of weights" + (
@@ -414,8 +421,24 @@ def _processes_on_node(processes: int | None) -> int:
         return 1
 
 
-def _available_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+def available_host_bytes() -> int | None:
+    """The host memory available now: ``MemAvailable`` from ``/proc/meminfo`` (Linux), or
+    ``None`` where it cannot be read.
+
+    Processes on one node that offload one after another (``torchrun`` ranks) read it on
+    every rank before any of them applies, and pass it as ``apply_offload``'s
+    ``host_bytes_available``; otherwise a later rank sees the memory the earlier ones took and
+    counts it twice. ``OffloadCallback`` does this itself.
+
+    Example (in each ``torchrun`` rank, the process group initialized)::
+
+        reading = available_host_bytes()
+        torch.distributed.barrier()  # every rank has read before any allocates
+        handle = apply_offload(model, config, host_bytes_available=reading)
+
+    >>> available_host_bytes() is None or available_host_bytes() > 0
+    True
+    """
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 

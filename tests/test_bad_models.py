@@ -64,7 +64,7 @@ def test_another_librarys_offload_hooks_are_refused():
 def test_more_host_memory_than_available_is_refused_with_the_figures(monkeypatch):
     import hydra_offload.offload as offload
 
-    monkeypatch.setattr(offload, "_available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: 1000)
     m = model()
     before = snapshot(m)
     figures = r"needs [\d,]+ bytes of host memory \([\d,]+ bytes of weights.*\) but only 1,000"

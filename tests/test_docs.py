@@ -39,6 +39,7 @@ MODULES = [
     "hydra_offload.backends",
     "hydra_offload.backends.base",
     "hydra_offload.integrations.sweep",
+    "hydra_offload.integrations.trial",
 ]
 
 

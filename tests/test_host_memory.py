@@ -856,7 +856,7 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Node:
     """Sets the node's free memory: ``node.free = ...``; offloads appended to ``node.handles``
     take theirs from it (and are removed at the end)."""
     fake = Node(0)
-    monkeypatch.setattr(offload, "_available_host_bytes", fake)
+    monkeypatch.setattr(offload, "available_host_bytes", fake)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     yield fake
     for handle in fake.handles:
@@ -868,13 +868,13 @@ def test_ranks_offloading_one_after_another_check_against_memory_before_any_of_t
     models = [small_decoder(trainable=False) for _ in range(ranks)]
     weights, _ = counted(models[0], PREFETCH)
     node.free = ranks * weights  # exactly what the four replicas need
-    before = offload._available_host_bytes()  # every rank reads it, then a barrier
+    before = offload.available_host_bytes()  # every rank reads it, then a barrier
     for model in models:
         node.handles.append(
             apply_offload(model, PREFETCH, processes_per_node=ranks, host_bytes_available=before)
         )
     assert all(h.active for h in node.handles)
-    assert offload._available_host_bytes() <= 0  # the node's memory really is taken now
+    assert offload.available_host_bytes() <= 0  # the node's memory really is taken now
 
 
 def test_reading_memory_as_each_rank_applies_counts_earlier_ranks_twice(node):

@@ -355,7 +355,7 @@ class OffloadCallback(Callback):
         on each), and what is refused before (trainable offloaded weights under DDP) is
         refused on all. With one process the exchange returns the reading as it is.
         """
-        reading = _offload._available_host_bytes()
+        reading = _offload.available_host_bytes()
         mine = torch.tensor(
             -1 if reading is None else reading,
             dtype=torch.int64,

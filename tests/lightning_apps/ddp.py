@@ -142,8 +142,8 @@ def predict_checking_host_memory(out: Path) -> dict:
         written.replace(marks / f"offloaded{rank}")
         return handle
 
-    real_read = offload._available_host_bytes
-    offload._available_host_bytes = read_host_memory
+    real_read = offload.available_host_bytes
+    offload.available_host_bytes = read_host_memory
     lightning_integration.apply_offload = apply_offload
     callback = OffloadCallback(PREFETCH)
     try:
@@ -153,7 +153,7 @@ def predict_checking_host_memory(out: Path) -> dict:
     else:
         error = None
     finally:
-        offload._available_host_bytes = real_read
+        offload.available_host_bytes = real_read
         lightning_integration.apply_offload = real_apply
     return {
         "error": error,
