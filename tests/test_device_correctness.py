@@ -874,7 +874,7 @@ def host_memory(monkeypatch: pytest.MonkeyPatch) -> Callable[[int | None], None]
     """Sets what ``apply_offload`` sees as available host memory (``None``: unknown)."""
 
     def set_available(nbytes: int | None) -> None:
-        monkeypatch.setattr("hydra_offload.offload._available_host_bytes", lambda: nbytes)
+        monkeypatch.setattr("hydra_offload.offload.available_host_bytes", lambda: nbytes)
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     return set_available

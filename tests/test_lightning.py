@@ -911,7 +911,7 @@ def test_host_memory_is_checked_for_every_device_against_one_reading_before_offl
         applied.append(kwargs)
         return real_apply(*args, **kwargs)
 
-    monkeypatch.setattr(offload, "_available_host_bytes", read_host_memory)
+    monkeypatch.setattr(offload, "available_host_bytes", read_host_memory)
     monkeypatch.setattr(lightning_integration, "apply_offload", apply_offload)
     refused = trainer(OffloadCallback(PREFETCH))
     monkeypatch.setattr(refused.strategy, "all_gather", all_gather)
