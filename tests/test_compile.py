@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -225,6 +226,84 @@ def check_reads_between_steps(code: str, layers: int, weights: list[int]) -> Non
         assert read == set(names), f"weights never read between the steps: {set(names) - read}"
 
 
+class _Step(NamedTuple):
+    """A prefetch step as Inductor's scheduler holds it (a fallback kernel of a twin)."""
+
+    node: str
+    weights: frozenset[str]
+    """The buffer names of the layer's weights, as the step reads them."""
+    written: frozenset[str]
+    """Their names after the step, which declares them written: a later read of the
+    weights is a read of these, and depends on the step."""
+
+
+class _Node(NamedTuple):
+    name: str
+    reads: frozenset[str]
+    ancestors: frozenset[str]
+
+
+class SchedulerNodes:
+    """Inductor's scheduler nodes before fusion, once their dependencies are computed (a
+    ``_pre_fusion_custom_pass`` that changes nothing): what each reads, what it comes after,
+    and the prefetch steps among them."""
+
+    def __init__(self) -> None:
+        self.nodes: list[_Node] = []
+        self.steps: dict[tuple[str, int], _Step] = {}
+
+    def __call__(self, nodes: list) -> list:
+        for node in nodes:
+            self.nodes.append(
+                _Node(
+                    node.get_name(),
+                    frozenset(dep.name for dep in node.read_writes.reads),
+                    frozenset(node.ancestors),
+                )
+            )
+            match = _TWIN_NAME.fullmatch(str(getattr(node.node, "op_overload", "")))
+            if match is None:
+                continue
+            kernel = node.node
+            weights = {buf.get_name() for buf in kernel.inputs[1:]}
+            renamed = {
+                out.get_name()
+                for out in kernel.mutation_outputs
+                if set(out.get_mutation_names()) & weights
+            }
+            key = (match[1], kernel.constant_args[1])
+            assert key not in self.steps, key  # one ring
+            self.steps[key] = _Step(node.get_name(), frozenset(weights), frozenset(renamed))
+        return nodes
+
+    def check_reads_between_steps(self, layers: int, *, casts: bool) -> None:
+        """Every node that reads an offloaded layer's weights reads what that layer's
+        ``layer_begin`` wrote, and comes after it and before its ``layer_end`` in the
+        dependency graph Inductor schedules by (not only in the order it happens to emit):
+        a read with nothing but a weight as input (a cast under autocast) included.
+        ``casts``: such reads exist."""
+        assert {position for _, position in self.steps} == set(range(layers))
+        for position in range(layers):
+            begin = self.steps[("layer_begin", position)]
+            end = self.steps[("layer_end", position)]
+            end_ancestors = next(n.ancestors for n in self.nodes if n.name == end.node)
+            weights = begin.weights | begin.written | end.weights | end.written
+            readers = [
+                n for n in self.nodes if n.reads & weights and n.name not in (begin.node, end.node)
+            ]
+            read = {name for n in readers for name in n.reads & begin.written}
+            assert read == begin.written, f"weights never read in layer {position}"
+            for node in readers:
+                assert node.reads & weights <= begin.written, f"{node.name} reads {node.reads}"
+                assert begin.node in node.ancestors, f"{node.name} may run before the layer"
+                assert node.name in end_ancestors, f"{node.name} may run after the layer"
+            weight_only = [n for n in readers if n.reads <= weights]
+            assert bool(weight_only) == casts, [n.name for n in weight_only]
+
+
+_TWIN_NAME = re.compile(r"hydra_offload\.(layer_begin|layer_end)_inductor\.default")
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.usefixtures("no_compile_caches")
 @torch.no_grad()
@@ -240,7 +319,11 @@ def test_inductor_reads_each_layers_weights_between_its_steps(autocast):
     with apply_offload(model, PREFETCH) as handle, context():
         compiled = torch.compile(model)
         weights = [len(layer.params) for layer in handle._installed.rings[0].layers]
-        got, (code, *_) = run_and_get_code(compiled, ids)
+        # CPU Inductor keeps program order, so the generated code alone would not show a
+        # read the scheduler is free to hoist: its dependency graph is checked too.
+        scheduled = SchedulerNodes()
+        with torch._inductor.config.patch(_pre_fusion_custom_pass=scheduled):
+            got, (code, *_) = run_and_get_code(compiled, ids)
         assert torch.equal(got, expected)
         assert handle.stats.loads == len(weights)
         for calls in range(2, 5):
@@ -248,6 +331,7 @@ def test_inductor_reads_each_layers_weights_between_its_steps(autocast):
             assert handle.stats.loads == calls * len(weights)
         assert handle.stats.stalls == 0
     check_reads_between_steps(code, len(weights), weights)
+    scheduled.check_reads_between_steps(len(weights), casts=autocast)
     assert dict(counters["graph_break"]) == {}
 
 
