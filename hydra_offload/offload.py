@@ -201,6 +201,7 @@ def apply_offload(
     zero_copy: bool | None = None,
     processes_per_node: int | None = None,
     host_bytes_available: int | None = None,
+    training: bool = True,
 ) -> OffloadHandle:
     """Offload part of ``model``'s weights to host memory, as ``config`` says.
 
@@ -221,6 +222,11 @@ def apply_offload(
             apply, as :class:`~hydra_offload.OffloadCallback` does): read later, it already
             lacks what earlier ranks took, which the check, counting every process, would
             count twice.
+        training: whether backward passes will run through the offload. Gradients of
+            offloaded weights are made in host memory at the first backward, so the host
+            memory check counts them only when ``True`` (for the weights that require grad);
+            pass ``False`` for inference, where the weights alone must fit
+            (:class:`~hydra_offload.OffloadCallback` does outside ``fit``).
 
     Returns:
         The handle: ``plan``, ``stats``, ``remove()``; a context manager.
@@ -239,10 +245,10 @@ def apply_offload(
     convert an offloaded parameter raise :class:`OffloadError` without changing anything;
     moves that leave offloaded parameters where they are (onto the compute device) work.
 
-    The host memory check counts the offloaded weights and the gradients of the trainable
-    ones, in each process on the node. Training may need more that it cannot know in
-    advance (gradient accumulation's staging buffers, optimizer state kept in host memory):
-    the refusal's message says how much.
+    The host memory check counts the offloaded weights and, when ``training``, the
+    gradients of the trainable ones, in each process on the node. Training may need more
+    that it cannot know in advance (gradient accumulation's staging buffers, optimizer state
+    kept in host memory): the refusal's message says how much.
 
     Example (8 data parallel ranks; each rank read the same figure before any applied):
         >>> from hydra_offload.models import DecoderLM
@@ -264,8 +270,9 @@ def apply_offload(
     plan = plan_offload(model, config)
     params = dict(model.named_parameters())
     _check_offloadable(
-        model, plan, params, _processes_on_node(processes_per_node), host_bytes_available
-    )
+        model, plan, params, _processes_on_node(processes_per_node), host_bytes_available,
+        training,
+    )  # fmt: skip
     runtime = runtime_for(_compute_device(model, device))
     counters = Counters()
     saved = None
@@ -327,11 +334,13 @@ def _check_offloadable(
     params: dict[str, nn.Parameter],
     processes: int,
     host_bytes_available: int | None = None,
+    training: bool = True,
 ) -> None:
     """Refuse, before anything is modified, what the backends cannot serve correctly.
 
-    Host memory: the offloaded weights and the gradients of the trainable ones, times
-    ``processes``, against ``host_bytes_available`` (``None``: ``MemAvailable`` now).
+    Host memory: the offloaded weights and, when ``training``, the gradients of the
+    trainable ones, times ``processes``, against ``host_bytes_available`` (``None``:
+    ``MemAvailable`` now).
     """
     if host_bytes_available is not None and host_bytes_available < 0:
         raise ValueError(
@@ -368,7 +377,7 @@ def _check_offloadable(
         if problem:
             raise OffloadError(f"{planned.name} {problem}")
         weights += planned.nbytes
-        if param.requires_grad:
+        if training and param.requires_grad:
             grads += planned.nbytes  # its gradient lives in host memory too
     given = host_bytes_available is not None
     available = host_bytes_available if given else available_host_bytes()

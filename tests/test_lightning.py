@@ -916,19 +916,27 @@ def test_host_memory_is_checked_for_every_device_against_one_reading_before_offl
     refused = trainer(OffloadCallback(PREFETCH))
     monkeypatch.setattr(refused.strategy, "all_gather", all_gather)
     with pytest.raises(OffloadError) as error:
-        refused.predict(lit, tokens())
+        refused.fit(lit, tokens())
     assert f"in each of the {devices} processes on this node" in str(error.value)
     assert f"only {available[0]:,} were available before offloading began" in str(error.value)
     # Read on this rank, exchanged with the others (a barrier), only then applied.
     assert events == ["read", "exchange", "apply"]
     assert applied[-1]["processes_per_node"] == devices
     assert applied[-1]["host_bytes_available"] == available[0]
+    assert applied[-1]["training"] is True
 
-    available[0] += 1  # now the three replicas fit
+    # Outside fit no gradient is made: the weights alone must fit, and they do.
+    available[0] = devices * sum(p.nbytes for p in planned)
+    assert available[0] < devices * per_process
     callback = OffloadCallback(PREFETCH)
     run("predict", lit, callback)
+    assert applied[-1]["training"] is False
     assert callback.last_stats is not None
     assert callback.last_stats.forwards > 0
+
+    available[0] = devices * per_process  # now the three training replicas fit
+    run("fit", module(), OffloadCallback(PREFETCH))
+    assert applied[-1]["training"] is True
 
 
 def test_on_the_cpu_it_warns_once_that_offloading_saves_no_memory():

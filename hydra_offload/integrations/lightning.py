@@ -331,6 +331,7 @@ class OffloadCallback(Callback):
             device,
             processes_per_node=trainer.num_devices,
             host_bytes_available=self._host_bytes_before_offloading(trainer),
+            training=trainer.state.fn == TrainerFn.FITTING,
         )
         self._ddp_ignored_before = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         ignored = list(self._ddp_ignored_before or [])
