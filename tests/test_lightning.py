@@ -8,6 +8,7 @@ the scripts in ``tests/lightning_apps/`` in subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -24,6 +25,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import OmegaConf
 
 from hydra_offload import (
@@ -1115,3 +1117,26 @@ def test_the_callbacks_warnings_point_at_the_users_line():
     ours = [w for w in caught if "compute device is the CPU" in str(w.message)]
     assert len(ours) == 1
     assert ours[0].filename == __file__
+
+
+class MetaInitStrategy(SingleDeviceStrategy):
+    """A strategy whose ``configure_model`` context makes tensors on ``meta``, as Lightning's
+    GPU strategies make them on the GPU (``with root_device:``), while the compute device is
+    the CPU."""
+
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None):
+        with torch.device("meta"):
+            yield
+
+
+@pytest.mark.parametrize("config", [PREFETCH, UVA], ids=["prefetch", "uva"])
+def test_host_memory_made_inside_lightnings_configure_model_context_is_on_the_cpu(config):
+    # The callback offloads inside the module's configure_model, which Lightning runs in the
+    # strategy's tensor_init_context: the host buffers must not follow that ambient device.
+    expected = run("predict", module())
+    callback = OffloadCallback(config)
+    got = run("predict", module(), callback, strategy=MetaInitStrategy(torch.device("cpu")))
+    assert callback.last_stats is not None
+    assert callback.last_stats.host_bytes > 0
+    assert all_equal(got, expected)
