@@ -219,3 +219,27 @@ def test_a_move_onto_the_compute_device_leaves_uva_copy_weights_in_host_memory()
                 assert param.is_meta, name
     for name, param in m.named_parameters():
         assert param.device.type == ("cpu" if name in offloaded else "meta"), name
+
+
+FUTURE_FLAGS = ["overwrite_module_params_on_conversion", "swap_module_params_on_conversion"]
+
+
+@pytest.mark.parametrize("flag", FUTURE_FLAGS)
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_a_move_that_would_replace_parameter_objects_is_refused_unchanged(config, flag):
+    # Under these torch.__future__ flags `Module._apply` gives every parameter a new object
+    # (or swaps its contents), even one the move leaves where it is: the offload would keep
+    # serving the old objects.
+    m = model()
+    ids = torch.randint(0, 64, (2, 8))
+    expected = m(ids)
+    with apply_offload(m, config):
+        before = snapshot(m)
+        getattr(torch.__future__, f"set_{flag}")(True)
+        try:
+            with pytest.raises(OffloadError, match=f"set_{flag}"):
+                m.float()
+        finally:
+            getattr(torch.__future__, f"set_{flag}")(False)
+        assert_same(before, snapshot(m))
+        assert torch.equal(m(ids), expected)

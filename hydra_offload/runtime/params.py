@@ -142,6 +142,21 @@ class MoveGuard:
                     f"({problem}). Call remove() on the offload handle first (remove(device=...) "
                     "puts the offloaded weights on that device); nothing was changed"
                 )
+        future = [
+            name
+            for name in (
+                "overwrite_module_params_on_conversion",
+                "swap_module_params_on_conversion",
+            )
+            if getattr(torch.__future__, f"get_{name}")()
+        ]
+        if future:
+            raise OffloadError(
+                f"{below[0].name} is offloaded: with torch.__future__.set_{future[0]}(True), "
+                "moving or converting a module replaces its parameter objects, even those it "
+                "leaves where they are, which would detach them from the offload. Turn the "
+                "flag off, or call remove() on the offload handle first; nothing was changed"
+            )
         kept = {id(t): t for e in below for t in (e.param, e.param.grad) if t is not None}
         return original(partial(_keeping, kept, fn), *args, **kw)
 
@@ -169,7 +184,7 @@ def _move_problem(entry: OffloadedParam, fn: Any) -> str | None:
         with torch.no_grad():
             moved = fn(probe)
     except Exception as err:  # e.g. "Cannot copy out of meta tensor": a move all the same
-        return f"on its compute device {probe.device} it fails: {err}"
+        return f"a tensor on its compute device {probe.device} cannot be moved so: {err}"
     if moved is not probe:
         if isinstance(moved, torch.Tensor) and moved.device != probe.device:
             return f"it would go to {moved.device}, off its compute device {probe.device}"
