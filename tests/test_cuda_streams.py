@@ -839,6 +839,33 @@ def test_host_storage_is_page_locked_cpu_memory_under_a_cuda_default_device(conf
         torch.set_default_device(None)
 
 
+class _BlockWithEmptyParam(nn.Module):
+    """A block with a 0-element parameter of a dtype no other parameter has: its host buffer
+    is empty (a null pointer, never page-locked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+        self.empty = nn.Parameter(torch.zeros(0, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x))
+
+
+@pytest.mark.parametrize(("config", "zero_copy"), BACKENDS)
+@torch.no_grad()
+def test_empty_parameters_of_a_dtype_of_their_own_are_offloaded_too(config, zero_copy):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_BlockWithEmptyParam() for _ in range(4)]).cuda()
+    x = torch.randn(8, 64, device="cuda")
+    expected = model(x)
+    with apply_offload(model, config, zero_copy=zero_copy) as handle:
+        assert any(name.endswith("empty") for name in handle.plan.offloaded_params)
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+    assert torch.equal(model(x), expected)
+
+
 # --------------------------------------------------------------------------------------------
 # Device moves while offloaded
 # --------------------------------------------------------------------------------------------

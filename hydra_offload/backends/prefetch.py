@@ -373,7 +373,11 @@ class PrefetchOffload(StagedOffload):
         params = dict(model.named_parameters())
         offloaded = [(p.name, params[p.name]) for p in plan.params]
         self._staged: Staged = stage_to_host(offloaded, runtime)
-        if runtime.is_cuda and not all(e.host.is_pinned() for e in self.staged.params):
+        # An empty tensor holds no memory to copy (and may sit at the end of its range, or be
+        # the whole of an empty buffer, where CUDA reports no page-locked memory).
+        if runtime.is_cuda and not all(
+            e.host.is_pinned() for e in self.staged.params if e.host.numel()
+        ):
             self.staged.storage.free()
             raise RuntimeError("host storage is not page-locked: async copies would be unsafe")
         swapped = False
