@@ -62,6 +62,9 @@ RUNS = {
     # no OffloadCallback. Every warning is shown, so a false report cannot hide behind
     # Python's once-per-line filter.
     "sweep": ["-m", "offload=prefetch,none", "callbacks=default,none"],
+    # Lightning's ddp_spawn pickles the Trainer, the OffloadCallback included, into two new
+    # processes, which apply the offload there.
+    "spawn": ["offload=prefetch", "+trainer.strategy=ddp_spawn", "trainer.devices=2"],
 }
 SWEEP_JOBS = [
     "offload=prefetch callbacks=default",
@@ -140,6 +143,14 @@ def test_a_backend_nothing_applied_is_reported_once_at_the_users_line(runs):
     assert "callbacks: null" in line
     assert "offload=none" in line
     assert "/hydra/" not in line.split(": ", 1)[0]  # attributed to the app, not to Hydra
+
+
+def test_under_ddp_spawn_the_offload_applied_in_the_spawned_processes_counts(runs):
+    code, stdout, stderr = runs["spawn"]
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert "predicted" in stdout
+    assert "Offload plan: prefetch" in stdout + stderr  # shown by rank zero
+    assert warning_lines(stderr) == []
 
 
 # --- the group's options -----------------------------------------------------------------

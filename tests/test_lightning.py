@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -1140,3 +1143,33 @@ def test_host_memory_made_inside_lightnings_configure_model_context_is_on_the_cp
     assert callback.last_stats is not None
     assert callback.last_stats.host_bytes > 0
     assert all_equal(got, expected)
+
+
+def test_the_callback_pickles_before_and_after_a_stage_as_ddp_spawn_needs():
+    # Lightning's ddp_spawn pickles the Trainer, callbacks included, into every process.
+    callback = OffloadCallback(PREFETCH)
+    expected = run("predict", module())
+    copy = pickle.loads(pickle.dumps(callback))
+    assert copy.state_key == callback.state_key
+    assert all_equal(run("predict", module(), copy), expected)
+    again = pickle.loads(pickle.dumps(copy))  # after a stage: a plan shown, stats kept
+    assert again.last_stats == copy.last_stats
+    assert all_equal(run("predict", module(), again), expected)
+
+
+def test_a_hydra_config_set_without_a_job_writes_nothing_and_runs(tmp_path, monkeypatch):
+    # Tests of Hydra apps (lightning-hydra-template's among them) set Hydra's config from a
+    # composed one, whose runtime.output_dir is missing: there is no job folder to write to.
+    monkeypatch.chdir(tmp_path)
+    conf = Path(__file__).parent / "hydra_lightning_app" / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["offload=prefetch"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        callback = OffloadCallback(cfg.offload)
+        losses = run("fit", module(), callback)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert losses["train"]
+    assert callback.last_stats is not None
+    assert list(tmp_path.iterdir()) == []

@@ -49,10 +49,8 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -61,7 +59,7 @@ from omegaconf import DictConfig, OmegaConf
 from hydra_offload._applied import APPLIED_FILE_ENV, applied_count, note_applied
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfigError, to_offload_config
-from hydra_offload.integrations.sweep import JOB_FILE, write_job_summary
+from hydra_offload.integrations.sweep import JOB_FILE, job_output_dir, write_job_summary
 from hydra_offload.integrations.trial import InfeasibleTrial, infeasible_reason
 
 __all__ = [
@@ -249,7 +247,9 @@ def _fail_trial_if_infeasible(job_return: JobReturn) -> None:
 
 def _record_error(reason: str) -> None:
     """Add ``error`` to the job's summary file, written or not by the task before it failed."""
-    folder = Path(HydraConfig.get().runtime.output_dir)
+    folder = job_output_dir()
+    if folder is None:
+        return
     path = folder / JOB_FILE
     try:
         summary = json.loads(path.read_text())

@@ -36,7 +36,7 @@ What it reports, on rank zero only:
 - The validated config (not the Hydra interpolation that built it) as hyperparameters of the
   Trainer's loggers, under ``offload``.
 - Its statistics as metrics of the Trainer's loggers (``offload/...``).
-- Inside a Hydra job (``HydraConfig.initialized()``), two files in the job's output
+- Inside a Hydra job (one with an output directory), two files in the job's output
   directory: ``offload_plan.txt`` (the plan last shown) and ``job_summary.json`` (backend,
   config hash, device, peak device memory on CUDA, device bytes saved, time per step, ...,
   the format :class:`~hydra_offload.integrations.sweep.SweepSummary` gathers at the end of a
@@ -52,11 +52,9 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision
@@ -67,7 +65,7 @@ from typing_extensions import override
 from hydra_offload import offload as _offload
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, to_offload_config
-from hydra_offload.integrations.sweep import write_job_summary
+from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
 from hydra_offload.plan import OffloadPlan, plan_offload
 
@@ -241,6 +239,20 @@ class OffloadCallback(Callback):
         self._record: _StageRecord | None = None
         self._summary_dir: str | None = None
         self._stages: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The callback's state for pickling (Lightning's ``ddp_spawn`` pickles the Trainer
+        with its callbacks into each process): its weak references (the module whose plan
+        was shown, the loggers given the hyperparameters) cannot be pickled and describe this
+        process only, so the copy starts without them."""
+        state = dict(self.__dict__)
+        state["_shown_plan"] = None
+        state["_hparams_sent"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hparams_sent = weakref.WeakSet()
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -452,8 +464,9 @@ class OffloadCallback(Callback):
                 return
         self._shown_plan = (weakref.ref(pl_module), text)
         _info(text)
-        if HydraConfig.initialized():
-            (Path(HydraConfig.get().runtime.output_dir) / PLAN_FILE).write_text(text + "\n")
+        folder = job_output_dir()
+        if folder is not None:
+            (folder / PLAN_FILE).write_text(text + "\n")
 
     def _send_hparams(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
@@ -465,9 +478,10 @@ class OffloadCallback(Callback):
 
     def _begin_record(self, trainer: Trainer, stage: str) -> None:
         self._record = None
-        if not (trainer.is_global_zero and HydraConfig.initialized()):
+        folder = job_output_dir()
+        if not trainer.is_global_zero or folder is None:
             return
-        output_dir = str(HydraConfig.get().runtime.output_dir)
+        output_dir = str(folder)
         if output_dir != self._summary_dir:  # a new Hydra job: forget the last one's stages
             self._summary_dir, self._stages = output_dir, {}
         self._record = _StageRecord(stage, trainer.strategy.root_device)
@@ -476,7 +490,7 @@ class OffloadCallback(Callback):
         """Add the stage's figures to ``job_summary.json``; its top level holds the fit's
         figures when the job fitted, else the latest stage's, and ``stages`` holds each."""
         record, self._record = self._record, None
-        if record is None or not HydraConfig.initialized():
+        if record is None or job_output_dir() is None:
             return
         self._stages[record.stage] = record.figures(self.config, stats, error)
         top = self._stages.get("fit", self._stages[record.stage])

@@ -26,9 +26,15 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["COLUMNS", "SweepSummary", "read_job_summaries", "write_job_summary"]
+__all__ = [
+    "COLUMNS",
+    "SweepSummary",
+    "job_output_dir",
+    "read_job_summaries",
+    "write_job_summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,24 @@ COLUMNS = (
 """The columns of the sweep summary, in order (``error``: why a job failed, if it did)."""
 
 
+def job_output_dir() -> Path | None:
+    """The output directory of the Hydra job running now, or ``None``: outside a Hydra job,
+    and where Hydra's config was set without one (tests of Hydra apps set it from a composed
+    config, ``compose(..., return_hydra_config=True)``, in which ``runtime.output_dir`` is
+    missing).
+
+    Example:
+        >>> job_output_dir() is None  # not inside a Hydra job
+        True
+    """
+    if not HydraConfig.initialized():
+        return None
+    value = OmegaConf.select(
+        HydraConfig.get(), "runtime.output_dir", default=None, throw_on_missing=False
+    )
+    return Path(str(value)) if value else None
+
+
 def write_job_summary(summary: dict[str, Any], output_dir: str | Path | None = None) -> Path:
     """Write one job's figures (keys from :data:`COLUMNS`, and any others; ``job`` and
     ``overrides`` are filled in from Hydra when missing) to ``job_summary.json`` in
@@ -62,11 +86,13 @@ def write_job_summary(summary: dict[str, Any], output_dir: str | Path | None = N
         2.5
     """
     record = dict(summary)
+    output_dir = output_dir or job_output_dir()
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        output_dir = output_dir or hydra_cfg.runtime.output_dir
-        record.setdefault("job", hydra_cfg.job.get("num", 0))
-        record.setdefault("overrides", " ".join(hydra_cfg.overrides.task))
+        num = OmegaConf.select(hydra_cfg, "job.num", default=0, throw_on_missing=False)
+        task = OmegaConf.select(hydra_cfg, "overrides.task", default=[], throw_on_missing=False)
+        record.setdefault("job", num if isinstance(num, int) else 0)
+        record.setdefault("overrides", " ".join(task or []))
     if output_dir is None:
         raise ValueError("output_dir is required outside a Hydra job")
     path = Path(output_dir) / JOB_FILE
