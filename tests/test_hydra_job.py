@@ -9,6 +9,7 @@ imports of torch and Lightning overlap.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -317,3 +318,24 @@ def test_under_the_basic_sweeper_a_failed_job_stays_failed():
     cfg = composed("offload=prefetch", "hydra.mode=MULTIRUN")
     OffloadJobCallback().on_job_end(config=cfg, job_return=job)
     assert job.status == JobStatus.FAILED
+
+
+def test_with_an_optuna_sweeper_before_1_3_the_trial_stays_failed_and_says_why(
+    trial_dir, capsys, monkeypatch
+):
+    # hydra-optuna-sweeper 1.2.0 (lightning-hydra-template pins it) raises on a return value
+    # it cannot read as a number, ending the study: converting would only hide the error.
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: "1.2.0" if name == "hydra-optuna-sweeper" else real_version(name),
+    )
+    job = failed_job(OffloadError("the plan selects nothing"))
+    OffloadJobCallback().on_job_end(config=trial_dir, job_return=job)
+    assert job.status == JobStatus.FAILED
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the plan selects nothing",
+        "hydra-optuna-sweeper 1.2.0 ends the study at a failed trial; from 1.3.0 it records "
+        "the trial as failed and goes on: pip install 'hydra-optuna-sweeper>=1.3'",
+    ]

@@ -43,6 +43,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import importlib.metadata
+import itertools
 import json
 import os
 import sys
@@ -140,7 +142,7 @@ class OffloadJobCallback(Callback):
     ) -> None:
         failed = job_return is not None and job_return.status == JobStatus.FAILED
         if failed and _searching_sweep(config):
-            _fail_trial_if_infeasible(job_return)
+            _fail_trial_if_infeasible(job_return, config)
         if not self._selected:
             return
         applied = applied_count() > self._applied_before or _written(self._marker)
@@ -215,7 +217,7 @@ def _fail(problems: list[tuple[str, str]]) -> NoReturn:
     raise SystemExit(2)
 
 
-def _fail_trial_if_infeasible(job_return: JobReturn) -> None:
+def _fail_trial_if_infeasible(job_return: JobReturn, config: DictConfig) -> None:
     """Turn a trial that raised because its settings cannot run into a completed job that
     returns an :class:`~hydra_offload.integrations.trial.InfeasibleTrial`, which the sweeper
     records as a failed trial before it goes on; other errors are left as they are.
@@ -233,6 +235,17 @@ def _fail_trial_if_infeasible(job_return: JobReturn) -> None:
     if reason is None:
         return
     print("error: " + reason.replace("\n", "\nerror: "), file=sys.stderr)
+    too_old = _optuna_sweeper_too_old(config)
+    if too_old is not None:
+        # That sweeper ends the study at any trial it cannot read a number from: the job
+        # stays failed, with its own error.
+        print(
+            f"hydra-optuna-sweeper {too_old} ends the study at a failed trial; from 1.3.0 it "
+            "records the trial as failed and goes on: pip install 'hydra-optuna-sweeper>=1.3'",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
+        return
     print("the trial is recorded as failed; the study goes on", file=sys.stderr)
     sys.stderr.flush()
     job_return.return_value = InfeasibleTrial(reason)
@@ -243,6 +256,24 @@ def _fail_trial_if_infeasible(job_return: JobReturn) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def _optuna_sweeper_too_old(config: DictConfig) -> str | None:
+    """The installed hydra-optuna-sweeper's version when this job is its trial and that
+    version ends the study at a failed trial (before 1.3.0, it re-raises what it cannot read
+    as a number); ``None`` otherwise."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if not target.endswith(".OptunaSweeper"):
+        return None
+    try:
+        version = importlib.metadata.version("hydra-optuna-sweeper")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    numbers = []
+    for part in version.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        numbers.append(int(digits or 0))
+    return version if tuple(numbers) < (1, 3) else None
 
 
 def _record_error(reason: str) -> None:
