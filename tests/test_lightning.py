@@ -36,6 +36,7 @@ from hydra_offload import (
     OffloadConfig,
     OffloadConfigError,
     OffloadError,
+    OffloadPlanWarning,
     apply_offload,
     offload,
     to_offload_config,
@@ -1173,3 +1174,20 @@ def test_a_hydra_config_set_without_a_job_writes_nothing_and_runs(tmp_path, monk
     assert losses["train"]
     assert callback.last_stats is not None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_warning_is_given_once_for_the_fit_and_the_stages_after_it():
+    # The plan is shown once per fit; its warnings (here: it saves under 5% of the weights)
+    # are not repeated by the validation and the test that plan the same module again.
+    config = {"prefetch": {"offload_group_size": 2, "offload_params": ["input_layernorm"]}}
+    callback = OffloadCallback(config)
+    lit = module()
+    t = trainer(callback)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(lit, tokens(), tokens(samples=4, seed=1))
+        t.test(lit, tokens())
+    plan_warnings = [w for w in caught if issubclass(w.category, OffloadPlanWarning)]
+    assert len(plan_warnings) == 1, [str(w.message) for w in plan_warnings]
+    assert "saves" in str(plan_warnings[0].message)
+    assert plan_warnings[0].filename == __file__  # still at the user's line

@@ -50,6 +50,7 @@ import logging
 import statistics
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal
@@ -67,7 +68,7 @@ from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, to_offload_config
 from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
-from hydra_offload.plan import OffloadPlan, plan_offload
+from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
 
 __all__ = ["PLAN_FILE", "OffloadCallback"]
 
@@ -236,6 +237,7 @@ class OffloadCallback(Callback):
         self._warned_cpu = False
         self._shown_plan: tuple[weakref.ref[LightningModule], str] | None = None
         self._hparams_sent: weakref.WeakSet[Logger] = weakref.WeakSet()
+        self._plan_warnings: set[str] = set()
         self._record: _StageRecord | None = None
         self._summary_dir: str | None = None
         self._stages: dict[str, dict[str, Any]] = {}
@@ -337,20 +339,37 @@ class OffloadCallback(Callback):
         precision = trainer.precision_plugin
         if isinstance(precision, (HalfPrecision, DoublePrecision)):
             precision.convert_module(pl_module)
-        self.handle = apply_offload(
-            pl_module,
-            self.config,
-            device,
-            processes_per_node=trainer.num_devices,
-            host_bytes_available=self._host_bytes_before_offloading(trainer),
-            training=trainer.state.fn == TrainerFn.FITTING,
-        )
+        available = self._host_bytes_before_offloading(trainer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.handle = apply_offload(
+                pl_module,
+                self.config,
+                device,
+                processes_per_node=trainer.num_devices,
+                host_bytes_available=available,
+                training=trainer.state.fn == TrainerFn.FITTING,
+            )
+        self._pass_on(caught)
         self._ddp_ignored_before = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         ignored = list(self._ddp_ignored_before or [])
         ignored += [n for n in self.handle.plan.offloaded_params if n not in ignored]
         pl_module._ddp_params_and_buffers_to_ignore = ignored
         self._module = pl_module
         self._show_plan(trainer, pl_module, self.handle.plan)
+
+    def _pass_on(self, caught: list[warnings.WarningMessage]) -> None:
+        """Issue again the warnings applying the offload gave, where they were first
+        attributed, except a plan warning this callback has issued already: the stages
+        after a fit (its validation, the test) plan the same module again, and the plan is
+        shown once, so its warnings are too."""
+        for item in caught:
+            text = str(item.message)
+            if issubclass(item.category, OffloadPlanWarning):
+                if text in self._plan_warnings:
+                    continue
+                self._plan_warnings.add(text)
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
     def _host_bytes_before_offloading(self, trainer: Trainer) -> int | None:
         """The host memory each rank's offload is checked against: read on every rank
