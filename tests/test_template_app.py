@@ -283,11 +283,12 @@ def test_eval_with_the_callback_gives_the_train_runs_test_metrics(
 def test_an_optuna_study_records_settings_that_cannot_run_as_failed_trials_and_goes_on(
     tmp_path,
 ):
-    # The sweeper proposes offload_num_in_group in 1..4 with a group of 2: the seeded sampler
-    # proposes 3 and 4, which the config rules refuse. The app has no code for it: the
-    # group's job callback turns those trials into failed ones.
+    # The sweeper proposes offload_num_in_group from range(1,4) with a group of 2; seeded,
+    # one trial at a time, it proposes 2, 3, 1, 2, and the config rules refuse 3. The app
+    # has no code for it: the group's job callback turns that trial into a failed one.
     result = run(
-        "train.py", tmp_path, "-m", "hydra/sweeper=optuna", "offload=prefetch",
+        "train.py", tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=1",
+        "hydra.sweeper.n_jobs=1", "offload=prefetch",
         "offload.prefetch.offload_num_in_group=range(1,4)", "hydra.sweeper.n_trials=4",
         "trainer.max_epochs=1",
     )  # fmt: skip

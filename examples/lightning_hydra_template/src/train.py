@@ -8,7 +8,7 @@
     python src/train.py model.compile=true offload=prefetch offload.layers=net.blocks
     python src/train.py debug=offload offload=prefetch    # a debug run that keeps the offload
     python src/train.py -m hydra/sweeper=optuna offload=prefetch \
-        'offload.prefetch.offload_num_in_group=range(1,4)'    # failed trials: 3 and 4
+        'offload.prefetch.offload_num_in_group=range(1,4)'    # above 2: failed trials
 
 The `offload` group and the OffloadCallback reach this script only through the configs
 (`- offload: none` in train.yaml, callbacks/offload.yaml): nothing here imports hydra-offload.
