@@ -91,7 +91,9 @@ class OffloadHandle:
             root.register_forward_hook(self._leave_forward, always_call=True),
         ]
         staged = installed.staged
-        self._guard = MoveGuard(model, staged.params) if staged is not None else None
+        self._guard = (
+            MoveGuard(model, staged.params, runtime.device) if staged is not None else None
+        )
         # Pickling and deep copies give the plain model with its true weights.
         self._pickling = PickleGuard(
             model,

@@ -44,7 +44,6 @@ import atexit
 import contextlib
 import gc
 import importlib.metadata
-import itertools
 import json
 import os
 import sys
@@ -57,6 +56,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from packaging.version import Version
 
 from hydra_offload._applied import APPLIED_FILE_ENV, applied_count, note_applied
 from hydra_offload._warnings import warn_at_caller
@@ -269,11 +269,7 @@ def _optuna_sweeper_too_old(config: DictConfig) -> str | None:
         version = importlib.metadata.version("hydra-optuna-sweeper")
     except importlib.metadata.PackageNotFoundError:
         return None
-    numbers = []
-    for part in version.split(".")[:2]:
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        numbers.append(int(digits or 0))
-    return version if tuple(numbers) < (1, 3) else None
+    return version if Version(version) < Version("1.3") else None
 
 
 def _record_error(reason: str) -> None:

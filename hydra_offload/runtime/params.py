@@ -52,9 +52,6 @@ class OffloadedParam:
     """The true weights, in host storage (same shape, stride and dtype as the parameter)."""
     home: torch.device
     """The device the parameter lived on before offloading; ``restore`` puts it back there."""
-    compute: torch.device
-    """The compute device the offload serves it on (whatever ``.data`` points at between
-    forwards: a pool slot, a zero-copy view, or host memory in UVA copy mode)."""
 
 
 @dataclass
@@ -77,7 +74,7 @@ def stage_to_host(params: Sequence[tuple[str, nn.Parameter]], runtime: DeviceRun
         with torch.no_grad():
             for (name, param), host in zip(params, storage.tensors, strict=True):
                 host.copy_(param.detach())
-                staged.append(OffloadedParam(name, param, host, param.device, runtime.device))
+                staged.append(OffloadedParam(name, param, host, param.device))
     except BaseException:
         storage.free()
         raise
@@ -120,21 +117,32 @@ class MoveGuard:
     and moves the rest.
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[OffloadedParam]) -> None:
+    def __init__(
+        self, model: nn.Module, params: Sequence[OffloadedParam], compute: torch.device
+    ) -> None:
+        """``compute``: the device the offload serves the parameters on (whatever ``.data``
+        points at between forwards: a pool slot, a zero-copy view, host memory)."""
         offloaded = {id(e.param): e for e in params}
         self.patches: list[tuple[nn.Module, Any]] = []
         """``(module, patch)``: the ``_apply`` each patched module has as its own attribute."""
         for module in model.modules():
             below = [offloaded[id(p)] for p in module.parameters() if id(p) in offloaded]
             if below:
-                patch = partial(self._apply, below, module._apply)
+                patch = partial(self._apply, below, compute, module._apply)
                 module._apply = patch  # type: ignore[method-assign]
                 self.patches.append((module, patch))
 
     @staticmethod
-    def _apply(below: list[OffloadedParam], original: Any, fn: Any, *args: Any, **kw: Any) -> Any:
+    def _apply(
+        below: list[OffloadedParam],
+        compute: torch.device,
+        original: Any,
+        fn: Any,
+        *args: Any,
+        **kw: Any,
+    ) -> Any:
         for entry in below:
-            problem = _move_problem(entry, fn)
+            problem = _move_problem(entry, fn, compute)
             if problem is not None:
                 raise OffloadError(
                     f"{entry.name} is offloaded: moving or converting it (.to(), .cuda(), "
@@ -167,10 +175,10 @@ class MoveGuard:
         self.patches = []
 
 
-def _move_problem(entry: OffloadedParam, fn: Any) -> str | None:
+def _move_problem(entry: OffloadedParam, fn: Any, compute: torch.device) -> str | None:
     """What ``fn`` (the function ``Module._apply`` maps over tensors) would do to the
-    offloaded parameter ``entry`` that the offload cannot serve, or ``None`` when it leaves
-    the parameter as the offload serves it.
+    offloaded parameter ``entry``, served on ``compute``, that the offload cannot serve, or
+    ``None`` when it leaves the parameter as the offload serves it.
 
     ``fn`` is first applied to an empty tensor of the parameter's dtype and dimensions on the
     compute device (no device memory is allocated): it must return that very tensor. Where
@@ -179,7 +187,7 @@ def _move_problem(entry: OffloadedParam, fn: Any) -> str | None:
     """
     data = entry.param.data
     shape = (0,) * data.dim() if data.dim() else ()
-    probe = torch.empty(shape, dtype=data.dtype, device=entry.compute)
+    probe = torch.empty(shape, dtype=data.dtype, device=compute)
     try:
         with torch.no_grad():
             moved = fn(probe)
