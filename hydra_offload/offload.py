@@ -38,6 +38,7 @@ from hydra_offload.runtime.device import runtime_for
 from hydra_offload.runtime.host import proc_bytes
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
 from hydra_offload.stats import OffloadStats
+from hydra_offload.weights import offload_problem
 
 __all__ = [
     "OffloadError",
@@ -100,7 +101,10 @@ class OffloadHandle:
             staged.params if staged is not None else [],
             [*installed.hooks, *self._root_hooks],
             runtime,
-            self._guard.patches if self._guard is not None else [],
+            [
+                *(self._guard.patches if self._guard is not None else []),
+                *((patch.module, patch.value) for patch in installed.patches),
+            ],
         )
 
     def _enter_forward(self, module: nn.Module, args: Any) -> None:
@@ -235,9 +239,9 @@ def apply_offload(
 
     Raises:
         OffloadError: the model already carries an offload (this one's or another
-            library's), a parameter to offload cannot be (meta, sparse, a tensor subclass
-            such as a quantized weight), or host memory is short. The model is not
-            modified.
+            library's), a parameter to offload cannot be (meta, sparse, a tensor subclass no
+            adapter takes apart, a quantized weight that requires grad or is not quantized
+            yet), or host memory is short. The model is not modified.
         hydra_offload.OffloadConfigError: the configuration is invalid.
         hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
         ValueError: ``processes_per_node`` is below 1 or ``host_bytes_available`` below 0.
@@ -269,13 +273,14 @@ def apply_offload(
                 f"{type(model).__name__} already has an offload applied "
                 f"({_ACTIVE[module]!r}); call remove() on that handle first"
             )
-    plan = plan_offload(model, config)
+    compute = _compute_device(model, device)
+    plan = plan_offload(model, config, device=compute)
     params = dict(model.named_parameters())
     _check_offloadable(
         model, plan, params, _processes_on_node(processes_per_node), host_bytes_available,
         training,
     )  # fmt: skip
-    runtime = runtime_for(_compute_device(model, device))
+    runtime = runtime_for(compute)
     counters = Counters()
     saved = None
     if not plan.params:
@@ -367,15 +372,7 @@ def _check_offloadable(
     weights = grads = 0
     for planned in plan.params:
         param = params[planned.name]
-        problem = None
-        if type(param.data) is not torch.Tensor:
-            problem = (
-                f"is a tensor subclass ({type(param.data).__name__}, e.g. quantized), whose "
-                "inner tensors an offload cannot move; leave it out with offload_params / "
-                "cpu_offload_params"
-            )
-        elif param.layout != torch.strided:
-            problem = f"has layout {param.layout}; only dense (strided) tensors can be offloaded"
+        problem = offload_problem(model, planned.name, param)
         if problem:
             raise OffloadError(f"{planned.name} {problem}")
         weights += planned.nbytes

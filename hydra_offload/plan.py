@@ -41,6 +41,7 @@ from hydra_offload.stacks import (
     class_name,
     find_layer_stacks,
 )
+from hydra_offload.weights import Layout, PlainTensor, adapter_class, adapter_for, layouts_nbytes
 
 __all__ = [
     "MIN_SAVED_FRACTION",
@@ -76,6 +77,15 @@ class PlannedParam:
     stride: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
+    """Bytes of its parts: what it takes in host memory (for a quantized weight, its
+    quantized values and their quantization state)."""
+    parts: tuple[Layout, ...] = ()
+    """``(shape, stride, dtype)`` of each plain tensor that holds its values (see
+    :mod:`hydra_offload.weights`): one, its own layout, for a plain tensor; ``()``: that
+    one."""
+    kind: str = "tensor"
+    """What it is: ``"tensor"``, a tensor subclass's name (``"Int8Tensor"``),
+    ``"bitsandbytes 4-bit"``..."""
     stack: str | None = None
     """Prefetch: path of the stack the parameter's layer belongs to."""
     layer: int | None = None
@@ -86,11 +96,16 @@ class PlannedParam:
     """Prefetch: which of its pool entry's slots the layer's copy goes to."""
 
     @property
-    def slot_key(self) -> tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype] | None:
+    def layouts(self) -> tuple[Layout, ...]:
+        """The layout of each of its parts."""
+        return self.parts or ((self.shape, self.stride, self.dtype),)
+
+    @property
+    def slot_key(self) -> tuple[Any, ...] | None:
         """Prefetch: the pool entry this parameter shares with the other layers."""
         if self.local_name is None:
             return None
-        return (self.local_name, self.shape, self.stride, self.dtype)
+        return (self.local_name, self.shape, self.stride, self.dtype, self.layouts)
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,14 @@ class PoolSlot:
     nbytes: int
     """Bytes of one slot."""
     count: int
+    parts: tuple[Layout, ...] = ()
+    """The layouts of the tensors of one slot: one per part of its parameters (see
+    :attr:`PlannedParam.parts`); ``()``: one, ``(shape, stride, dtype)``."""
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:
+        """The layout of each tensor of one slot."""
+        return self.parts or ((self.shape, self.stride, self.dtype),)
 
     @property
     def total_bytes(self) -> int:
@@ -296,13 +319,26 @@ def _share(part: int, whole: int) -> str:
     return f" = {100 * part / whole:.1f}% of the model" if whole else ""
 
 
-def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
+def plan_offload(
+    model: nn.Module, config: OffloadConfig | Any, *, device: torch.device | str | None = None
+) -> OffloadPlan:
     """Plan the offload of ``model`` under ``config`` without touching any weight.
 
     Args:
         model: any ``nn.Module``; it may live on the ``meta`` device.
         config: an :class:`OffloadConfig`, or anything :func:`~hydra_offload.to_offload_config`
             accepts (a ``DictConfig`` or a ``dict``).
+        device: the compute device, when known; ``None``: each parameter's own device. Only
+            weight formats whose layout depends on where they compute read it (a
+            bitsandbytes 4-bit layer may repack itself on a CPU: its state is planned for
+            both forms there).
+
+    Quantized weights (torchao's tensor subclasses, bitsandbytes' 4-bit and 8-bit weights)
+    are planned by their true bytes, quantization state included (see
+    :mod:`hydra_offload.weights`). The weights of PEFT adapters (LoRA's ``lora_A`` /
+    ``lora_B`` and the like, in any module with a ``base_layer`` and
+    ``adapter_layer_names``) are never offloaded: they are small, they train, and PEFT adds
+    and removes them; the plan notes how many stay on the device.
 
     Returns:
         The plan. An :class:`OffloadPlanWarning`, also listed in ``plan.notes``, for each of:
@@ -327,7 +363,10 @@ def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
     """
     config = to_offload_config(config)
     aliases = _aliases(model)
-    total = sum(_nbytes(p) for p in aliases)
+    where = torch.device(device) if device is not None else None
+    weights = {p: _weights_of(model, names[0], p, where) for p, names in aliases.items()}
+    total = sum(w.nbytes for w in weights.values())
+    adapters = _peft_adapter_params(model)
     backend = config.resolved_backend
     common: dict[str, Any] = {
         "backend": backend,
@@ -335,17 +374,65 @@ def plan_offload(model: nn.Module, config: OffloadConfig | Any) -> OffloadPlan:
         "total_param_bytes": total,
     }
     if backend == "uva":
-        return _plan_uva(config, aliases, common)
+        return _plan_uva(config, aliases, weights, adapters, common)
     if backend == "prefetch":
-        return _plan_prefetch(model, config, aliases, common)
+        return _plan_prefetch(model, config, aliases, weights, adapters, common)
     return OffloadPlan(
         layers=(), params=(), stacks=(), pool=(), candidates=(), budget_bytes=None,
         notes=(), **common,
     )  # fmt: skip
 
 
-def _nbytes(param: torch.Tensor) -> int:
-    return param.numel() * param.element_size()
+@dataclass(frozen=True)
+class _Weights:
+    """How one parameter's values are held: its parts' layouts (``()``: itself, plain),
+    what it is, and its bytes."""
+
+    parts: tuple[Layout, ...]
+    kind: str
+    nbytes: int
+
+
+def _weights_of(
+    model: nn.Module, name: str, param: torch.Tensor, device: torch.device | None
+) -> _Weights:
+    """The parts of a parameter, through its adapter; a parameter the offload cannot take
+    (which applying it refuses) counts as a plain tensor."""
+    found = adapter_class(param)
+    if found is None or found is PlainTensor:
+        return _Weights((), "tensor", param.numel() * param.element_size())
+    path = name.rpartition(".")[0]
+    owner = model.get_submodule(path) if path else model
+    if found.problem(param, owner) is not None:  # type: ignore[arg-type]
+        return _Weights((), found.kind, param.numel() * param.element_size())
+    adapter = adapter_for(model, name, param, device=device)
+    layouts = adapter.layouts()
+    return _Weights(layouts, adapter.kind, layouts_nbytes(layouts))
+
+
+def _peft_adapter_params(model: nn.Module) -> dict[nn.Parameter, str]:
+    """The parameters of PEFT adapters (tuner layers: modules with a ``base_layer`` and
+    ``adapter_layer_names``), each with the name of its adapter module (``lora_A``)."""
+    found: dict[nn.Parameter, str] = {}
+    for module in model.modules():
+        names = getattr(module, "adapter_layer_names", None)
+        if not isinstance(names, (tuple, list)) or not hasattr(module, "base_layer"):
+            continue
+        for layer_name in names:
+            layer = getattr(module, layer_name, None)
+            if isinstance(layer, nn.Module):
+                for param in layer.parameters():
+                    found.setdefault(param, layer_name)
+    return found
+
+
+def _peft_note(kept: int) -> tuple[str, ...]:
+    if not kept:
+        return ()
+    return (
+        f"{kept} parameter(s) of PEFT adapters (e.g. LoRA's lora_A / lora_B) stay on the "
+        "device: adapters are never offloaded",
+    )
 
 
 def _aliases(model: nn.Module) -> dict[nn.Parameter, list[str]]:
@@ -362,13 +449,15 @@ def _selected(patterns: frozenset[str], names: list[str]) -> bool:
     return any(matches_any(patterns, name) for name in names)
 
 
-def _planned(name: str, param: torch.Tensor, **where: Any) -> PlannedParam:
+def _planned(name: str, param: torch.Tensor, weights: _Weights, **where: Any) -> PlannedParam:
     return PlannedParam(
         name=name,
         shape=tuple(param.shape),
         stride=tuple(param.stride()),
         dtype=param.dtype,
-        nbytes=_nbytes(param),
+        nbytes=weights.nbytes,
+        parts=weights.parts,
+        kind=weights.kind,
         **where,
     )
 
@@ -389,18 +478,27 @@ def _warn_unmatched(
 
 
 def _plan_uva(
-    config: OffloadConfig, aliases: dict[nn.Parameter, list[str]], common: dict[str, Any]
+    config: OffloadConfig,
+    aliases: dict[nn.Parameter, list[str]],
+    weights: dict[nn.Parameter, _Weights],
+    adapters: dict[nn.Parameter, str],
+    common: dict[str, Any],
 ) -> OffloadPlan:
     budget = int(config.uva.cpu_offload_gb * GIB)
     patterns = config.uva.cpu_offload_params
     notes = list(_warn_unmatched("offload.uva.cpu_offload_params", patterns, aliases))
-    eligible = [(p, names[0]) for p, names in aliases.items() if _selected(patterns, names)]
+    eligible = [
+        (p, names[0])
+        for p, names in aliases.items()
+        if _selected(patterns, names) and p not in adapters
+    ]
+    notes += _peft_note(sum(1 for p, names in aliases.items() if p in adapters))
     chosen: list[PlannedParam] = []
     used = 0
     for param, name in eligible:
         if used >= budget:
             break
-        chosen.append(_planned(name, param))
+        chosen.append(_planned(name, param, weights[param]))
         used += chosen[-1].nbytes
     if budget == 0:
         notes.append("offload.uva.cpu_offload_gb is 0: nothing is offloaded")
@@ -419,6 +517,8 @@ def _plan_prefetch(
     model: nn.Module,
     config: OffloadConfig,
     aliases: dict[nn.Parameter, list[str]],
+    weights: dict[nn.Parameter, _Weights],
+    adapters: dict[nn.Parameter, str],
     common: dict[str, Any],
 ) -> OffloadPlan:
     settings = config.prefetch
@@ -435,6 +535,7 @@ def _plan_prefetch(
         if stack.entry is not None and stack.entry != stack.path
     ]
     shared_noted: set[nn.Parameter] = set()
+    kept_adapters: set[nn.Parameter] = set()
     planned: list[PlannedParam] = []
     stack_plans: list[StackPlan] = []
     pool: list[PoolSlot] = []
@@ -447,6 +548,9 @@ def _plan_prefetch(
             params = []
             for local, param in layers[index].named_parameters():
                 name = aliases[param][0]
+                if param in adapters:
+                    kept_adapters.add(param)
+                    continue
                 if not _selected(settings.offload_params, aliases[param]):
                     continue
                 if any(not _inside(alias, prefix) for alias in aliases[param]):
@@ -457,8 +561,8 @@ def _plan_prefetch(
                             f"{', '.join(aliases[param])}, not inside one layer"
                         )
                     continue
-                params.append(_planned(name, param, stack=stack.path, layer=index,
-                                       local_name=local))  # fmt: skip
+                params.append(_planned(name, param, weights[param], stack=stack.path,
+                                       layer=index, local_name=local))  # fmt: skip
             if params:
                 by_layer.append((index, params))
         stack_params, stack_pool = _assign_slots(stack, by_layer, step)
@@ -478,6 +582,7 @@ def _plan_prefetch(
                 f"{stack.path or '<root>'} has {len(layers)} layers, fewer than "
                 f"offload_group_size ({group}): none is offloaded"
             )
+    notes += _peft_note(len(kept_adapters))
     unmatched = _warn_unmatched("offload.prefetch.offload_params", settings.offload_params, aliases)
     notes += unmatched
     if settings.offload_params and not planned and not unmatched:
@@ -609,6 +714,7 @@ def _assign_slots(
             dtype=p.dtype,
             nbytes=p.nbytes,
             count=len(compact[key]),
+            parts=p.parts,
         )
         for key, p in sample.items()
     ]

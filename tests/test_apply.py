@@ -620,8 +620,8 @@ def fail(*args, **kwargs):
 
 def point_half_then_fail(entries):
     entries = list(entries)
-    for param, tensor in entries[: len(entries) // 2]:
-        param.data = tensor
+    for entry, tensors in entries[: len(entries) // 2]:
+        entry.weights.use(tensors)
     fail()
 
 

@@ -41,15 +41,15 @@ def test_zero_copy_views_read_host_memory():
         entry = handle._installed.staged.params[-1]
         assert handle._installed.mode == "zero_copy"
         assert entry.param.is_cuda
-        assert entry.host.is_pinned()
-        assert entry.param.data_ptr() == entry.host.data_ptr()  # one address, host and device
+        assert entry.hosts[0].is_pinned()
+        assert entry.param.data_ptr() == entry.hosts[0].data_ptr()  # one address, host and device
         before = model(ids)
         torch.cuda.synchronize()  # the forward's kernels read the host memory written next
-        entry.host.mul_(2)  # writing the host tensor changes what the kernels read
+        entry.hosts[0].mul_(2)  # writing the host tensor changes what the kernels read
         torch.cuda.synchronize()
         after = model(ids)
         assert not torch.equal(before, after)
-        entry.host.div_(2)
+        entry.hosts[0].div_(2)
         assert torch.equal(model(ids), before)
 
 
@@ -88,7 +88,7 @@ def test_host_bytes_pinned_within_two_percent_of_bytes_offloaded(config):
         stats = handle.stats
         assert stats.host_bytes_pinned == stats.host_bytes
         assert stats.offloaded_bytes <= stats.host_bytes_pinned <= 1.02 * stats.offloaded_bytes
-        assert all(e.host.is_pinned() for e in handle._installed.staged.params)
+        assert all(h.is_pinned() for e in handle._installed.staged.params for h in e.hosts)
 
 
 @torch.no_grad()

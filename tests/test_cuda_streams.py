@@ -829,8 +829,8 @@ def test_host_storage_is_page_locked_cpu_memory_under_a_cuda_default_device(conf
             assert staged.storage.tensors[0].device.type == "cpu"
             assert staged.storage.tensors[0].is_pinned()
             for entry in staged.params:
-                assert entry.host.device.type == "cpu", entry.name
-                assert entry.host.is_pinned(), entry.name
+                assert entry.hosts[0].device.type == "cpu", entry.name
+                assert entry.hosts[0].is_pinned(), entry.name
             for _ in range(2):
                 assert torch.equal(model(ids), expected)
             assert handle.stats.stalls == 0

@@ -249,10 +249,10 @@ def test_an_offload_applied_under_a_meta_ambient_device_computes_from_cpu_buffer
     storage = installed.staged.storage
     assert storage.tensors
     assert {t.device for t in storage.tensors} == {CPU}
-    assert {e.host.device for e in installed.staged.params} == {CPU}
+    assert {h.device for e in installed.staged.params for h in e.hosts} == {CPU}
     pool = getattr(installed, "pool", None)  # device memory, of the compute device: the CPU
     if pool is not None:
-        assert {s.tensor.device for entry in pool.slots for s in entry} == {CPU}
+        assert {t.device for entry in pool.slots for s in entry for t in s.tensors} == {CPU}
     assert torch.equal(model(ids), expected)
     handle.remove()
     assert_all_equal(params_of(model), params_of(decoder()), "parameter after remove()")
@@ -620,7 +620,7 @@ def offload_objects(installed: Any) -> dict[str, weakref.ref]:
         objects["pool"] = pool
         for i, entry in enumerate(pool.slots):
             for j, slot in enumerate(entry):
-                objects[f"pool slot {i}.{j}"] = slot.tensor
+                objects[f"pool slot {i}.{j}"] = slot.tensors[0]
     storages = {"host storage": installed.staged.storage}
     grads = installed.grads
     if grads is not None:
@@ -636,7 +636,7 @@ def offload_objects(installed: Any) -> dict[str, weakref.ref]:
         for i, tensor in enumerate(storage.tensors):
             objects[f"{label} tensor {i}"] = tensor
     for entry in installed.staged.params:
-        objects[f"host tensor of {entry.name}"] = entry.host
+        objects[f"host tensor of {entry.name}"] = entry.hosts[0]
     for i, ring in enumerate(getattr(installed, "rings", [])):
         objects[f"ring {i}"] = ring
         if ring.timer is not None:

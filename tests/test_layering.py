@@ -3,8 +3,8 @@
 The layers, innermost first (README, "Layout"):
 
 - core: the config, selection, layer stacks, the plan and its schedule, statistics,
-  ``apply_offload``, the backends and the runtime. It knows nothing of Hydra, Lightning,
-  rendering, tuning or the demo models.
+  ``apply_offload``, the backends, the runtime and the weight adapters. It knows nothing of
+  Hydra, Lightning, rendering, tuning or the demo models.
 - ``render``: rich tables of plans and statistics.
 - ``tuning``: the step-time simulator, the settings search, measurements.
 - ``integrations``: Hydra, Lightning, sweeps, ``run.py``'s job.
@@ -37,6 +37,7 @@ CORE = (
     "offload",
     "backends",
     "runtime",
+    "weights",
     "_applied",
     "_format",
     "_warnings",
@@ -202,9 +203,10 @@ def test_the_core_imports_no_integration_rendering_or_tuning():
     assert violations() == []
 
 
-def test_the_core_loads_without_hydra_lightning_or_rich():
+def test_the_core_loads_without_hydra_lightning_rich_or_the_quantization_libraries():
     # What the static check says, at run time: importing the core and planning an offload
-    # loads none of the integration libraries.
+    # loads none of the integration libraries, nor bitsandbytes, torchao or PEFT for a model
+    # that has none of their weights.
     code = (
         "import sys, torch\n"
         "from hydra_offload.plan import plan_offload\n"
@@ -212,7 +214,7 @@ def test_the_core_loads_without_hydra_lightning_or_rich():
         "from hydra_offload.config import to_offload_config\n"
         "handle = apply_offload(torch.nn.Linear(4, 4), {'uva': {'cpu_offload_gb': 1}})\n"
         "handle.stats; handle.remove()\n"
-        "names = ('hydra', 'lightning', 'rich', 'omegaconf')\n"
+        "names = ('hydra', 'lightning', 'rich', 'omegaconf', 'bitsandbytes', 'torchao', 'peft')\n"
         "print(sorted(m for m in names if m in sys.modules))\n"
     )
 

@@ -142,13 +142,16 @@ class Probe(Callback):
         params = dict(pl_module.named_parameters())
         installed = handle._installed
         if handle.plan.backend == "prefetch":
-            allowed = {s.tensor.data_ptr() for entry in installed.pool.slots for s in entry}
+            allowed = {
+                t.data_ptr() for entry in installed.pool.slots for s in entry for t in s.tensors
+            }
             self.pointers_in_offload_memory = all(
                 params[name].data_ptr() in allowed for name in handle.plan.offloaded_params
             )
         else:
             self.pointers_in_offload_memory = all(
-                params[e.name].data_ptr() == e.host.data_ptr() for e in installed.staged.params
+                params[e.name].data_ptr() == e.hosts[0].data_ptr()
+                for e in installed.staged.params
             )
         # Whether the offload is still there when the strategy tears down (moves to CPU).
         strategy = trainer.strategy

@@ -95,7 +95,8 @@ def ordered_model(num_layers: int = 6, block=None) -> tuple[nn.Module, nn.Module
 
 
 def slot_pointers(handle) -> set[int]:
-    return {slot.tensor.data_ptr() for entry in handle._installed.pool.slots for slot in entry}
+    slots = [slot for entry in handle._installed.pool.slots for slot in entry]
+    return {tensor.data_ptr() for slot in slots for tensor in slot.tensors}
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ def test_two_models_offloaded_in_one_process_keep_their_own_pools():
     ids = torch.randint(0, 64, (2, 8))
     expected_a, expected_b = a(ids), b(ids)
     with apply_offload(a, PREFETCH) as ha, apply_offload(b, PREFETCH) as hb:
-        slots_a = {s.tensor.data_ptr() for e in ha._installed.pool.slots for s in e}
-        slots_b = {s.tensor.data_ptr() for e in hb._installed.pool.slots for s in e}
+        slots_a = {t.data_ptr() for e in ha._installed.pool.slots for s in e for t in s.tensors}
+        slots_b = {t.data_ptr() for e in hb._installed.pool.slots for s in e for t in s.tensors}
         assert not slots_a & slots_b
         assert ha._installed.rings[0].copy_stream is not hb._installed.rings[0].copy_stream
         for _ in range(3):  # interleaved

@@ -412,7 +412,9 @@ def test_checkpointed_offloaded_layers_are_recomputed_in_backward(backend):
 def test_uva_copy_mode_backward_reads_no_weight_from_host_storage():
     model = decoder().train()
     handle = apply_offload(model, BACKENDS["uva-copy"].config(), zero_copy=False)
-    host = {e.host.untyped_storage().data_ptr() for e in handle._installed.staged.params}
+    host = {
+        h.untyped_storage().data_ptr() for e in handle._installed.staged.params for h in e.hosts
+    }
     read_from_host = []
 
     def unpack(tensor: torch.Tensor) -> torch.Tensor:

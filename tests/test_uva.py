@@ -86,7 +86,7 @@ def test_host_mode_parameters_are_the_host_tensors():
         assert [e.name for e in handle._installed.staged.params] == list(params)
         for e in handle._installed.staged.params:
             assert e.param is params[e.name]
-            assert e.param.data_ptr() == e.host.data_ptr()
+            assert e.param.data_ptr() == e.hosts[0].data_ptr()
 
 
 def test_host_mode_writing_host_storage_changes_the_output():
@@ -95,7 +95,7 @@ def test_host_mode_writing_host_storage_changes_the_output():
     ids = token_ids()
     with apply_offload(model, ALL) as handle:
         before = model(ids)
-        host = entry(handle, "layers.2.mlp.down_proj.weight").host
+        host = entry(handle, "layers.2.mlp.down_proj.weight").hosts[0]
         with torch.no_grad():
             host.mul_(-2.0)
             reference.layers[2].mlp.down_proj.weight.mul_(-2.0)
@@ -116,7 +116,7 @@ def test_host_storage_is_one_exact_size_buffer():
         assert stats.measured is False
         assert stats.device_bytes_saved == plan.device_bytes_saved == plan.offloaded_bytes
         for e in handle._installed.staged.params:
-            assert e.host.data_ptr() % ALIGNMENT == 0
+            assert e.hosts[0].data_ptr() % ALIGNMENT == 0
 
 
 def test_host_mode_copies_nothing_per_forward():
@@ -141,7 +141,7 @@ def test_budget_offloads_leading_parameters_and_leaves_the_rest_alone():
         offloaded = handle.plan.offloaded_params
         assert offloaded[0] == "embed_tokens.weight"
         assert 0 < len(offloaded) < len(before)
-        hosts = {e.name: e.host.data_ptr() for e in handle._installed.staged.params}
+        hosts = {e.name: e.hosts[0].data_ptr() for e in handle._installed.staged.params}
         for name, param in model.named_parameters():
             if name in offloaded:
                 assert param.data_ptr() == hosts[name], name
@@ -186,9 +186,9 @@ def test_copy_mode_parameters_point_at_host_memory_between_forwards():
     with apply_offload(model, ALL, zero_copy=False) as handle:
         entries = handle._installed.staged.params
         for _ in range(2):
-            assert all(e.param.data_ptr() == e.host.data_ptr() for e in entries)
+            assert all(e.param.data_ptr() == e.hosts[0].data_ptr() for e in entries)
             model(ids)
-        assert all(e.param.data_ptr() == e.host.data_ptr() for e in entries)
+        assert all(e.param.data_ptr() == e.hosts[0].data_ptr() for e in entries)
 
 
 def test_copy_mode_modules_compute_with_a_fresh_copy():
@@ -197,7 +197,7 @@ def test_copy_mode_modules_compute_with_a_fresh_copy():
     seen = []
     with apply_offload(model, ALL, zero_copy=False) as handle:
         down = model.layers[1].mlp.down_proj
-        host = entry(handle, "layers.1.mlp.down_proj.weight").host
+        host = entry(handle, "layers.1.mlp.down_proj.weight").hosts[0]
         # Registered after the offload's own pre-hook, so it sees what forward will use.
         down.register_forward_pre_hook(lambda m, a: seen.append(m.weight.data_ptr()))
         model(ids)
@@ -222,11 +222,11 @@ def test_copy_mode_releases_copies_when_a_module_raises():
         with pytest.raises(ValueError, match="module failed"):
             model(ids)
         del down.forward
-        host = entry(handle, "layers.2.mlp.down_proj.weight").host
+        host = entry(handle, "layers.2.mlp.down_proj.weight").hosts[0]
         assert len(fetched) == 1
         assert fetched[0] != host.data_ptr()  # it ran with a fetched copy
         entries = handle._installed.staged.params
-        assert all(e.param.data_ptr() == e.host.data_ptr() for e in entries)
+        assert all(e.param.data_ptr() == e.hosts[0].data_ptr() for e in entries)
         assert torch.equal(model(ids), expected)
 
 
@@ -255,7 +255,7 @@ def test_load_state_dict_writes_host_storage(zero_copy):
     with apply_offload(model, ALL, zero_copy=zero_copy) as handle:
         model.load_state_dict(fresh.state_dict())
         for e in handle._installed.staged.params:
-            assert torch.equal(e.host, fresh.get_parameter(e.name)), e.name
+            assert torch.equal(e.hosts[0], fresh.get_parameter(e.name)), e.name
         assert torch.equal(model(ids), fresh(ids))
 
 

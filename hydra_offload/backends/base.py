@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from hydra_offload.runtime.grads import HostGradients
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import Staged
+from hydra_offload.weights import ModulePatch
 
 __all__ = ["NoOffload", "OffloadBackendBase", "StagedOffload"]
 
@@ -63,6 +64,13 @@ class OffloadBackendBase(abc.ABC):
     def hooks(self) -> Sequence[RemovableHandle]:
         """The handles of every hook the backend registered (on modules, parameters and
         optimizers), which pickling and deep copies of the model leave out."""
+
+    @property
+    def patches(self) -> Sequence[ModulePatch]:
+        """Module attributes the backend replaced while installed (see
+        :class:`~hydra_offload.weights.ModulePatch`), which pickling and deep copies of the
+        model leave out. Default: none."""
+        return ()
 
     @property
     def pool_bytes(self) -> int:
@@ -145,6 +153,7 @@ class StagedOffload(OffloadBackendBase):
 
     _staged: Staged
     _hooks: list[RemovableHandle]
+    _patches: list[ModulePatch]
     grads: HostGradients | None
 
     @property
@@ -155,8 +164,34 @@ class StagedOffload(OffloadBackendBase):
     @property
     def hooks(self) -> list[RemovableHandle]:
         """The handles of every hook this offload registered (on modules, parameters and
-        optimizers)."""
+        optimizers), those of the weight adapters included."""
         return list(self._hooks)
+
+    @property
+    def patches(self) -> list[ModulePatch]:
+        """Module attributes the weight adapters replaced (see
+        :meth:`WeightAdapter.install <hydra_offload.weights.WeightAdapter.install>`)."""
+        return list(self._patches)
+
+    def _install_weights(self) -> None:
+        """What each offloaded parameter's adapter needs while offloaded (hooks, patches),
+        installed after the backend's own hooks (an adapter's forward pre-hook goes first,
+        so it sees the layer before the backend serves it)."""
+        for entry in self._staged.params:
+            for handle in entry.weights.install(entry.hosts):
+                if isinstance(handle, ModulePatch):
+                    self._patches.append(handle)
+                else:
+                    self._hooks.append(handle)
+
+    def _remove_hooks(self) -> None:
+        """Remove every hook and patch of the backend and of the weight adapters."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for patch in getattr(self, "_patches", ()):
+            patch.remove()
+        self._patches = []
 
     def _host_storages(self) -> list[HostStorage]:
         """The host storage the backend holds besides ``grads``: the staged weights, and

@@ -66,41 +66,49 @@ from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue
 from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
 from hydra_offload.runtime.timing import WaitTimer
 from hydra_offload.schedule import RingSchedule, schedules_of
+from hydra_offload.weights import ModulePatch, WeightAdapter
 
 __all__ = ["PrefetchOffload"]
 
 
 class _Param:
-    """An offloaded parameter of a layer: its slot and its host copy."""
+    """An offloaded parameter of a layer: its slot's tensors and its host copy (one tensor
+    per part, see :mod:`hydra_offload.weights`)."""
 
-    __slots__ = ("host", "layer", "on_host", "param", "slot")
+    __slots__ = ("hosts", "layer", "on_host", "param", "slots", "weights")
 
     def __init__(
-        self, param: nn.Parameter, slot: torch.Tensor, host: torch.Tensor, layer: _Layer
+        self,
+        param: nn.Parameter,
+        slots: list[torch.Tensor],
+        hosts: list[torch.Tensor],
+        layer: _Layer,
+        weights: WeightAdapter,
     ) -> None:
         self.layer: _Layer | None = layer
         self.param = param
-        self.slot = slot
-        self.host = host
+        self.slots = slots
+        self.hosts = hosts
+        self.weights = weights
         self.on_host = False
         """Whether ``.data`` / ``.grad`` point at host storage (after a backward, for the
         optimizer) instead of the slot."""
 
 
 class _Layer:
-    """An offloaded layer: the (slot, host tensor) pairs its load copies."""
+    """An offloaded layer: the (slot, host tensors) pairs its load copies."""
 
     __slots__ = (
         "copies", "in_backward", "nbytes", "next_users", "on_host", "params", "position",
         "prev_users", "ready", "slots",
     )  # fmt: skip
 
-    def __init__(self, position: int, copies: list[tuple[Slot, torch.Tensor]]) -> None:
+    def __init__(self, position: int, copies: list[tuple[Slot, list[torch.Tensor]]]) -> None:
         self.position = position
         self.copies = copies
         self.slots = [slot for slot, _ in copies]
         self.params: list[_Param] = []
-        self.nbytes = sum(host.numel() * host.element_size() for _, host in copies)
+        self.nbytes = sum(h.numel() * h.element_size() for _, hosts in copies for h in hosts)
         self.ready: Any = None
         self.next_users: list[_Layer] = []
         """The layers that use this layer's slots next, in ring order: what to prefetch
@@ -178,8 +186,9 @@ class _Ring:
         for slot in layer.slots:
             if slot.free is not None:
                 stream.wait_event(slot.free)  # compute is done with the old contents
-        for slot, host in layer.copies:
-            self.runtime.copy(stream, slot.tensor, host)
+        for slot, hosts in layer.copies:
+            for tensor, host in zip(slot.tensors, hosts, strict=True):
+                self.runtime.copy(stream, tensor, host)
         ready = stream.record_event()
         for slot in layer.slots:
             slot.owner = layer
@@ -370,13 +379,12 @@ class PrefetchOffload(StagedOffload):
         self.rings: list[_Ring] = []
         self._params: dict[int, _Param] = {}
         self.grads: HostGradients | None = None
-        params = dict(model.named_parameters())
-        offloaded = [(p.name, params[p.name]) for p in plan.params]
-        self._staged: Staged = stage_to_host(offloaded, runtime)
+        self._patches: list[ModulePatch] = []
+        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime)
         # An empty tensor holds no memory to copy (and may sit at the end of its range, or be
         # the whole of an empty buffer, where CUDA reports no page-locked memory).
         if runtime.is_cuda and not all(
-            e.host.is_pinned() for e in self.staged.params if e.host.numel()
+            h.is_pinned() for e in self.staged.params for h in e.hosts if h.numel()
         ):
             self.staged.storage.free()
             raise RuntimeError("host storage is not page-locked: async copies would be unsafe")
@@ -384,19 +392,18 @@ class PrefetchOffload(StagedOffload):
         try:
             # Point the parameters at host storage first, so their device memory is released
             # before the pool is allocated (peak = max, not sum).
-            point_at([(e.param, e.host) for e in self.staged.params])
+            point_at([(e, e.hosts) for e in self.staged.params])
             swapped = True
-            self.pool = BufferPool(
-                [(s.shape, s.stride, s.dtype, s.count) for s in plan.pool], runtime.device
-            )
+            self.pool = BufferPool([(s.layouts, s.count) for s in plan.pool], runtime.device)
             self._install(model, plan)
+            self._install_weights()
         except BaseException:
             self._uninstall(restore_params=swapped)
             raise
 
     def _install(self, model: nn.Module, plan: OffloadPlan) -> None:
         entry_of = {
-            (s.stack, s.local_name, s.shape, s.stride, s.dtype): slots
+            (s.stack, s.local_name, s.shape, s.stride, s.dtype, s.layouts): slots
             for s, slots in zip(plan.pool, self.pool.slots, strict=True)
         }
         host_of = {e.name: e for e in self.staged.params}
@@ -412,12 +419,14 @@ class PrefetchOffload(StagedOffload):
             for position, index in enumerate(stack_plan.offloaded_layers):
                 staged_params = []
                 for p in by_layer[(stack_plan.path, index)]:
-                    key = (p.stack, p.local_name, p.shape, p.stride, p.dtype)
+                    key = (p.stack, p.local_name, p.shape, p.stride, p.dtype, p.layouts)
                     staged_params.append((entry_of[key][p.slot or 0], host_of[p.name]))
-                layer = _Layer(position, [(slot, staged.host) for slot, staged in staged_params])
+                layer = _Layer(position, [(slot, staged.hosts) for slot, staged in staged_params])
                 for slot, staged in staged_params:
-                    staged.param.data = slot.tensor
-                    layer.params.append(_Param(staged.param, slot.tensor, staged.host, layer))
+                    staged.weights.use(slot.tensors)
+                    layer.params.append(
+                        _Param(staged.param, slot.tensors, staged.hosts, layer, staged.weights)
+                    )
                 layers.append(layer)
             ring = _Ring(layers, schedule, self.runtime, copy_stream, self.counters, self)
             self.rings.append(ring)
@@ -473,7 +482,7 @@ class PrefetchOffload(StagedOffload):
 
     def _to_host(self, entry: _Param) -> None:
         if not entry.on_host:
-            entry.param.data = entry.host
+            entry.weights.use(entry.hosts)
             entry.on_host = True
             if entry.layer is not None:
                 entry.layer.on_host = True
@@ -487,7 +496,7 @@ class PrefetchOffload(StagedOffload):
         """
         for entry in layer.params:
             if entry.on_host:
-                entry.param.data = entry.slot
+                entry.weights.use(entry.slots)
                 entry.on_host = False
         layer.on_host = False
 
@@ -537,14 +546,14 @@ class PrefetchOffload(StagedOffload):
 
     def _hook_layer(self, module: nn.Module, ring: _Ring, position: int) -> None:
         layer = ring.layers[position]
-        host_of = {id(entry.param): entry.host for entry in layer.params}
+        entry_of = {id(entry.param): entry for entry in layer.params}
         # Every name the layer has for an offloaded parameter: one tied inside the layer has
         # several, and each of its state_dict entries must be the true weights.
-        hosts = {
-            local: host_of[id(param)]
+        hosts = [
+            (local, entry_of[id(param)])
             for local, param in module.named_parameters(remove_duplicate=False)
-            if id(param) in host_of
-        }
+            if id(param) in entry_of
+        ]
         self._hooks += [
             module.register_forward_pre_hook(partial(ring.before, position), with_kwargs=True),
             module.register_forward_hook(partial(ring.after, position), always_call=True),
@@ -553,7 +562,7 @@ class PrefetchOffload(StagedOffload):
             module.register_load_state_dict_post_hook(partial(self._after_load, ring, layer)),
         ]
 
-    def _before_load(self, hosts: dict[str, torch.Tensor], *args: Any) -> None:
+    def _before_load(self, hosts: list[tuple[str, _Param]], *args: Any) -> None:
         # Copies from host storage may still be under way: let them finish first.
         self.runtime.synchronize()
         _load_into_host(hosts, *args)
@@ -582,9 +591,7 @@ class PrefetchOffload(StagedOffload):
         self._uninstall(restore_params=True, device=device)
 
     def _uninstall(self, *, restore_params: bool, device: torch.device | None = None) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._remove_hooks()
         self.runtime.synchronize()  # no copy may still be writing into the pool
         entries = list(self._params.values())
         grads = {}
@@ -622,21 +629,27 @@ class PrefetchOffload(StagedOffload):
 
 
 def _true_weights(
-    hosts: dict[str, torch.Tensor], module: nn.Module, state: dict, prefix: str, meta: Any
+    entries: list[tuple[str, _Param]], module: nn.Module, state: dict, prefix: str, meta: Any
 ) -> None:
-    for local, host in hosts.items():
-        key = prefix + local
-        if key not in state:
+    """The layer's state dict entries of offloaded weights, from host storage (``entries``:
+    each name, relative to the layer, of each offloaded parameter, tied ones under each of
+    their names)."""
+    for local, entry in entries:
+        path, _, leaf = local.rpartition(".")
+        base = prefix + (path + "." if path else "")
+        own = state.get(base + leaf)
+        if own is None:
             continue
-        value = state[key]
-        if isinstance(value, nn.Parameter):  # state_dict(keep_vars=True)
-            state[key] = nn.Parameter(host, requires_grad=value.requires_grad)
-        else:
-            state[key] = host.detach()
+        keep_vars = isinstance(own, nn.Parameter)  # state_dict(keep_vars=True)
+        weights = entry.weights
+        for key, value in weights.state_entries(entry.hosts, keep_vars).items():
+            full = base + (leaf if key == weights.attr else key)
+            if full in state:
+                state[full] = value
 
 
 def _load_into_host(
-    hosts: dict[str, torch.Tensor],
+    entries: list[tuple[str, _Param]],
     module: nn.Module,
     state: dict,
     prefix: str,
@@ -646,8 +659,13 @@ def _load_into_host(
     unexpected: list,
     errors: list,
 ) -> None:
-    with torch.no_grad():
-        for local, host in hosts.items():
-            value = state.get(prefix + local)
-            if isinstance(value, torch.Tensor) and value.shape == host.shape:
-                host.copy_(value)
+    for local, entry in entries:
+        path, _, leaf = local.rpartition(".")
+        base = prefix + (path + "." if path else "")
+        weights = entry.weights
+        loading = state
+        if leaf != weights.attr:  # a tied parameter under another name
+            if base + leaf not in state:
+                continue
+            loading = {base + weights.attr: state[base + leaf]}
+        weights.load(entry.hosts, loading, base)

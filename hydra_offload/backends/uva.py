@@ -45,6 +45,7 @@ from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import OffloadedParam, Staged, point_at, restore, stage_to_host
+from hydra_offload.weights import ModulePatch, PlainTensor, layout_of
 
 __all__ = ["UVAMode", "UVAOffload"]
 
@@ -75,31 +76,36 @@ class UVAOffload(StagedOffload):
         self.grads: HostGradients | None = None
         self._queued_for: int | None = None
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._patches: list[ModulePatch] = []
         self.mode: UVAMode = _choose_mode(runtime, zero_copy)
-        params = dict(model.named_parameters())
-        offloaded = [(p.name, params[p.name]) for p in plan.params]
-        self._staged: Staged = stage_to_host(offloaded, runtime)
+        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime)
         try:
             views = self._zero_copy_views(zero_copy) if self.mode == "zero_copy" else None
             if views is not None:
-                point_at([(e.param, v) for e, v in zip(self.staged.params, views, strict=True)])
+                point_at(list(zip(self.staged.params, views, strict=True)))
             else:
-                point_at([(e.param, e.host) for e in self.staged.params])
+                point_at([(e, e.hosts) for e in self.staged.params])
             self._hook_owners(model)
             if self.mode != "host":
                 self._hook_grads()
+            self._install_weights()
         except BaseException:
             self.remove()
             raise
 
-    def _zero_copy_views(self, required: bool | None) -> list[torch.Tensor] | None:
-        """Zero-copy views of host storage, checked to read the same bytes; on failure,
-        switch to copy mode (or raise, when zero-copy was required)."""
+    def _zero_copy_views(self, required: bool | None) -> list[list[torch.Tensor]] | None:
+        """Zero-copy views of host storage (one per part of each offloaded parameter),
+        checked to read the same bytes; on failure, switch to copy mode (or raise, when
+        zero-copy was required)."""
         try:
-            views = self.staged.storage.device_views(self.runtime.device)
-            first = self.staged.params[0].host
-            if not torch.equal(views[0].cpu(), first):
+            flat = self.staged.storage.device_views(self.runtime.device)
+            first = self.staged.params[0].hosts[0]
+            if not torch.equal(flat[0].cpu(), first):
                 raise RuntimeError("the zero-copy view does not read the host bytes")
+            views, position = [], 0
+            for entry in self.staged.params:
+                views.append(flat[position : position + len(entry.hosts)])
+                position += len(entry.hosts)
         except (RuntimeError, TypeError, ValueError) as err:
             if required:
                 raise
@@ -138,13 +144,17 @@ class UVAOffload(StagedOffload):
         stream = self.runtime.current_stream()
         copies: dict[int, torch.Tensor] = {}
         for entry in owned:
-            copy = torch.empty_strided(
-                entry.host.shape, entry.host.stride(), dtype=entry.host.dtype, device=device
-            )
-            self.runtime.copy(stream, copy, entry.host)
-            entry.param.data = copy
-            copies[id(entry.param)] = copy
-            self.counters.h2d_bytes += entry.host.numel() * entry.host.element_size()
+            parts = []
+            for host in entry.hosts:
+                copy = torch.empty_strided(
+                    host.shape, host.stride(), dtype=host.dtype, device=device
+                )
+                self.runtime.copy(stream, copy, host)
+                parts.append(copy)
+                self.counters.h2d_bytes += host.numel() * host.element_size()
+            entry.weights.use(parts)
+            if isinstance(entry.weights, PlainTensor):
+                copies[id(entry.param)] = parts[0]
         self.counters.loads += 1
         if torch.is_grad_enabled():
             # Autograd may save a parameter itself (not a view of its data), and read its
@@ -154,10 +164,18 @@ class UVAOffload(StagedOffload):
             self._saving.append((module, saving))
 
     def _release(self, owned: list[OffloadedParam], module: nn.Module, args: Any, out: Any) -> None:
-        if self._saving and self._saving[-1][0] is module:
+        recorded = bool(self._saving) and self._saving[-1][0] is module
+        if recorded:
             self._saving.pop()[1].__exit__(None, None, None)
         for entry in owned:
-            entry.param.data = entry.host
+            if recorded and not isinstance(entry.weights, PlainTensor):
+                # A quantized weight's autograd function may read it again in backward
+                # through the layer itself (bitsandbytes keeps the quantization state
+                # object), which no saved-tensor hook can redirect: it keeps its device
+                # copy, as autograd keeps a plain weight's, until the next forward fetches
+                # it again or the offload is removed.
+                continue
+            entry.weights.use(entry.hosts)
         self.runtime.forget_cached_casts()
 
     def _forget_casts(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -188,7 +206,7 @@ class UVAOffload(StagedOffload):
             self.grads.on_received = self._backward_started
             self._hooks.append(register_optimizer_step_pre_hook(self._before_step))
             return
-        layouts = [(tuple(e.host.shape), tuple(e.host.stride()), e.host.dtype) for e in trainable]
+        layouts = [layout_of(e.hosts[0]) for e in trainable]
         self._grad_storage = self.runtime.host_storage(layouts)
         grads = self._grad_storage.device_views(self.runtime.device)
         for home, entry in zip(grads, trainable, strict=True):
@@ -229,9 +247,7 @@ class UVAOffload(StagedOffload):
     def remove(self, device: torch.device | None = None) -> None:
         """Restore the offloaded parameters (onto ``device``, or where each lived) with
         their gradients and optimizer state, and release host memory."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._remove_hooks()
         self.runtime.synchronize()
         entries = self.staged.params
         grads = {id(e.param): e.param.grad for e in entries}

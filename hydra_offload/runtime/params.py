@@ -1,15 +1,17 @@
-"""Moving parameters between their home and host storage, and back, by swapping ``.data``.
+"""Moving parameters between their home and host storage, and back, through their weight
+adapters (:mod:`hydra_offload.weights`).
 
 The parameter objects stay the same throughout (optimizers, tied weights and user references
-keep working); only the tensor each one's ``.data`` points at changes.
+keep working); only the tensors each one reads its values from change: its ``.data`` for a
+plain tensor, the inner tensors of a tensor subclass, a quantized weight's state.
 
 Example:
     >>> import torch
     >>> linear = torch.nn.Linear(2, 2)
     >>> weight, before = linear.weight, linear.weight.detach().clone()
     >>> from hydra_offload.runtime.device import DeviceRuntime
-    >>> staged = stage_to_host([("weight", linear.weight)], DeviceRuntime(torch.device("cpu")))
-    >>> staged.params[0].host.data_ptr() != before.data_ptr()
+    >>> staged = stage_to_host(linear, ["weight"], DeviceRuntime(torch.device("cpu")))
+    >>> staged.params[0].hosts[0].data_ptr() != before.data_ptr()
     True
     >>> restore(staged.params)
     >>> linear.weight is weight and torch.equal(linear.weight, before)
@@ -31,12 +33,14 @@ from torch.utils.hooks import RemovableHandle
 from hydra_offload.errors import OffloadError
 from hydra_offload.runtime.device import DeviceRuntime
 from hydra_offload.runtime.host import HostStorage
+from hydra_offload.weights import WeightAdapter, adapter_for
 
 __all__ = [
     "MoveGuard",
     "OffloadedParam",
     "PickleGuard",
     "Staged",
+    "point_at",
     "restore",
     "stage_to_host",
 ]
@@ -48,10 +52,14 @@ class OffloadedParam:
 
     name: str
     param: nn.Parameter
-    host: torch.Tensor
-    """The true weights, in host storage (same shape, stride and dtype as the parameter)."""
+    hosts: list[torch.Tensor]
+    """The true weights, in host storage: one tensor per part of the parameter (see
+    :attr:`weights`), of the part's shape, stride and dtype."""
     home: torch.device
     """The device the parameter lived on before offloading; ``restore`` puts it back there."""
+    weights: WeightAdapter
+    """How the parameter's values are held and pointed at (one plain tensor, a tensor
+    subclass's inner tensors, a quantized weight and its state)."""
 
 
 @dataclass
@@ -60,44 +68,51 @@ class Staged:
     params: list[OffloadedParam]
 
 
-def stage_to_host(params: Sequence[tuple[str, nn.Parameter]], runtime: DeviceRuntime) -> Staged:
-    """Copy each parameter's values into one new :class:`HostStorage` (page-locked for the
-    runtime's device where it has one); the model is unchanged.
+def stage_to_host(
+    model: nn.Module,
+    names: Sequence[str],
+    runtime: DeviceRuntime,
+    params: dict[str, nn.Parameter] | None = None,
+) -> Staged:
+    """Copy the values of ``model``'s parameters ``names`` (every part of each) into one new
+    :class:`HostStorage` (page-locked for the runtime's device where it has one); the model
+    is unchanged.
 
     Raises:
         RuntimeError: host memory could not be allocated or page-locked (nothing is kept).
     """
-    layouts = [(tuple(p.shape), tuple(p.stride()), p.dtype) for _, p in params]
+    if params is None:
+        params = dict(model.named_parameters())
+    adapters = [adapter_for(model, name, params[name], device=runtime.device) for name in names]
+    layouts = [layout for adapter in adapters for layout in adapter.layouts()]
     storage = runtime.host_storage(layouts)
     staged = []
     try:
-        with torch.no_grad():
-            for (name, param), host in zip(params, storage.tensors, strict=True):
-                host.copy_(param.detach())
-                staged.append(OffloadedParam(name, param, host, param.device))
+        position = 0
+        for name, adapter in zip(names, adapters, strict=True):
+            count = len(adapter.layouts())
+            hosts = storage.tensors[position : position + count]
+            position += count
+            adapter.write_to(hosts)
+            param = params[name]
+            staged.append(OffloadedParam(name, param, hosts, param.device, adapter))
     except BaseException:
         storage.free()
         raise
     return Staged(storage, staged)
 
 
-def point_at(entries: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
-    """Make each parameter's ``.data`` the given tensor."""
-    for param, tensor in entries:
-        param.data = tensor
+def point_at(entries: Sequence[tuple[OffloadedParam, Sequence[torch.Tensor]]]) -> None:
+    """Make each parameter read its values from the given tensors (one per part)."""
+    for entry, tensors in entries:
+        entry.weights.use(tensors)
 
 
 def restore(params: Sequence[OffloadedParam], device: torch.device | None = None) -> None:
-    """Give each parameter its own tensor again, values from the host, on ``device`` (by
+    """Give each parameter its own memory again, values from the host, on ``device`` (by
     default the device it lived on before offloading)."""
-    with torch.no_grad():
-        for entry in params:
-            host = entry.host
-            home = torch.empty_strided(
-                host.shape, host.stride(), dtype=host.dtype, device=device or entry.home
-            )
-            home.copy_(host)
-            entry.param.data = home
+    for entry in params:
+        entry.weights.restore(entry.hosts, device or entry.home)
 
 
 class MoveGuard:
@@ -182,12 +197,14 @@ def _move_problem(entry: OffloadedParam, fn: Any, compute: torch.device) -> str 
 
     ``fn`` is first applied to an empty tensor of the parameter's dtype and dimensions on the
     compute device (no device memory is allocated): it must return that very tensor. Where
-    ``.data`` is on the compute device, ``fn`` must return it too (a memory format
-    conversion may depend on the real shape).
+    a plain parameter's ``.data`` is on the compute device, ``fn`` must return it too (a
+    memory format conversion may depend on the real shape). A tensor subclass or quantized
+    weight is judged by its dtype and dimensions (its own ``.to()`` may make a new wrapper
+    over the same inner tensors).
     """
-    data = entry.param.data
-    shape = (0,) * data.dim() if data.dim() else ()
-    probe = torch.empty(shape, dtype=data.dtype, device=compute)
+    param = entry.param
+    shape = (0,) * param.dim() if param.dim() else ()
+    probe = torch.empty(shape, dtype=param.dtype, device=compute)
     try:
         with torch.no_grad():
             moved = fn(probe)
@@ -199,7 +216,8 @@ def _move_problem(entry: OffloadedParam, fn: Any, compute: torch.device) -> str 
         if isinstance(moved, torch.Tensor) and moved.dtype != probe.dtype:
             return f"it would become {moved.dtype} instead of {probe.dtype}"
         return f"it would be replaced by a new tensor on {probe.device}"
-    if data.device == probe.device:
+    data = param.data
+    if type(data) is torch.Tensor and data.device == probe.device:
         with torch.no_grad():
             if fn(data) is not data:
                 return f"it would be replaced by a new tensor on {probe.device}"
@@ -261,10 +279,14 @@ class PickleGuard:
         patches: Sequence[tuple[nn.Module, Any]] = (),
     ) -> None:
         self._installed: list[tuple[Any, str, Any]] = []
+        replaced: dict[int, dict[str, Any]] = {}
         for entry in params:
-            weights = _TrueWeights(entry.param, entry.host, runtime)
+            weights = _TrueWeights(entry, runtime)
             self._set(entry.param, "__reduce_ex__", weights.reduce_ex)
             self._set(entry.param, "__deepcopy__", weights.deepcopy)
+            substitutes = entry.weights.plain_module_state()
+            if substitutes:
+                replaced.setdefault(id(entry.weights.owner), {}).update(substitutes)
         # Which module owns each hook table our hooks are in.
         owner = {
             id(value): module
@@ -288,13 +310,16 @@ class PickleGuard:
         before = getattr(model, _DDP_IGNORE, None)
         for module in model.modules():
             root = module is model
-            if not (root or id(module) in hooks_of or id(module) in patches_of):
+            if not (
+                root or id(module) in hooks_of or id(module) in patches_of or id(module) in replaced
+            ):
                 continue
             reducer = _PlainModule(
                 module,
                 hooks_of.get(id(module), []),
                 patches_of.get(id(module), []),
                 (offloaded, None if before is None else frozenset(before)) if root else None,
+                replaced.get(id(module), {}),
             )
             self._set(module, "__reduce_ex__", reducer)
 
@@ -314,44 +339,46 @@ class _TrueWeights:
     """``__reduce_ex__`` and ``__deepcopy__`` of one offloaded parameter (see
     :class:`PickleGuard`)."""
 
-    __slots__ = ("host", "param", "runtime")
+    __slots__ = ("hosts", "param", "runtime", "weights")
 
-    def __init__(self, param: nn.Parameter, host: torch.Tensor, runtime: DeviceRuntime) -> None:
-        self.param = weakref.ref(param)  # the parameter holds this object: no cycle
-        self.host = host
+    def __init__(self, entry: OffloadedParam, runtime: DeviceRuntime) -> None:
+        self.param = weakref.ref(entry.param)  # the parameter holds this object: no cycle
+        self.hosts = entry.hosts
+        self.weights = weakref.ref(entry.weights)
         self.runtime = runtime
 
-    def _param(self) -> nn.Parameter:
-        param = self.param()
-        if param is None:  # only reachable through the parameter itself
+    def _adapter(self) -> WeightAdapter:
+        param, weights = self.param(), self.weights()
+        if param is None or weights is None:  # only reachable through the parameter itself
             raise ReferenceError("the offloaded parameter no longer exists")
-        return param
+        return weights
 
-    def _copy(self) -> torch.Tensor:
+    def _copies(self) -> list[torch.Tensor]:
         """The true weights, copied into ordinary CPU memory, strides kept."""
-        host = self.host
         # Device work may still write host storage (an optimizer step through zero-copy
         # views); copies out of it may still read it, which is fine.
         self.runtime.synchronize()
-        copy = self.runtime.to_host(host)
-        if copy.stride() != host.stride():  # a layout clone() does not keep (gaps, overlap)
-            exact = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device="cpu")
-            with torch.no_grad():
-                exact.copy_(copy)
-            copy = exact
-        return copy
+        copies = []
+        for host in self.hosts:
+            copy = self.runtime.to_host(host)
+            if copy.stride() != host.stride():  # a layout clone() does not keep (gaps, overlap)
+                exact = torch.empty_strided(
+                    host.shape, host.stride(), dtype=host.dtype, device="cpu"
+                )
+                with torch.no_grad():
+                    exact.copy_(copy)
+                copy = exact
+            copies.append(copy)
+        return copies
 
     def reduce_ex(self, proto: int) -> Any:
-        param = self._param()
-        plain = nn.Parameter(self._copy(), requires_grad=param.requires_grad)
-        plain.__dict__.update(
-            (key, value) for key, value in vars(param).items() if key not in _OVERRIDES
-        )
-        return plain.__reduce_ex__(proto)  # exactly as PyTorch reduces a parameter
+        rebuilt = self._adapter().rebuild(self._copies())
+        for key in _OVERRIDES:
+            rebuilt.__dict__.pop(key, None)
+        return rebuilt.__reduce_ex__(proto)  # exactly as PyTorch reduces a parameter
 
-    def deepcopy(self, memo: dict[int, Any]) -> nn.Parameter:
-        param = self._param()
-        return type(param)(self._copy(), param.requires_grad)  # as Parameter.__deepcopy__
+    def deepcopy(self, memo: dict[int, Any]) -> Any:
+        return self._adapter().rebuild(self._copies(), memo)
 
 
 _OVERRIDES = frozenset({"__reduce_ex__", "__deepcopy__"})
@@ -361,7 +388,7 @@ class _PlainModule:
     """``__reduce_ex__`` of a module that carries something of an offload's (see
     :class:`PickleGuard`): its class's reduction, with that left out of the state."""
 
-    __slots__ = ("ddp", "hooks", "module", "patches")
+    __slots__ = ("ddp", "hooks", "module", "patches", "substitutes")
 
     def __init__(
         self,
@@ -369,11 +396,15 @@ class _PlainModule:
         hooks: list[RemovableHandle],
         patches: list[Any],
         ddp: tuple[frozenset[str], frozenset[str] | None] | None,
+        substitutes: dict[str, Any] | None = None,
     ) -> None:
         self.module = weakref.ref(module)  # the module holds this object: no cycle
         self.hooks = hooks
         self.patches = patches
         self.ddp = ddp
+        self.substitutes = substitutes or {}
+        """Attributes whose value the copy takes from here (state a quantized weight's
+        module keeps beside it: the weight's copy carries its own)."""
         """Root module only: (offloaded parameter names, DDP-ignored names before the
         offload, ``None`` when the attribute did not exist)."""
 
@@ -391,6 +422,9 @@ class _PlainModule:
         what is filtered is copied first)."""
         ours = [self, *self.patches]
         state = {k: v for k, v in state.items() if not any(v is o for o in ours)}
+        for key, value in self.substitutes.items():
+            if key in state:
+                state[key] = value
         tables = {id(value): key for key, value in state.items() if isinstance(value, dict)}
         for handle in self.hooks:
             for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):

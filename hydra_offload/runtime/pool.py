@@ -8,9 +8,12 @@ which compute has finished reading them (``free``). A layer may compute only whe
 of its slots is owned by it: that check is what makes wrong weights impossible, whatever the
 order layers run in.
 
+A slot holds one tensor per part of the parameters that take turns in it (one for a plain
+tensor; a quantized weight's values and its quantization state, for instance).
+
 Example:
     >>> import torch
-    >>> pool = BufferPool([((4, 4), (4, 1), torch.float32, 2)], torch.device("cpu"))
+    >>> pool = BufferPool([([((4, 4), (4, 1), torch.float32)], 2)], torch.device("cpu"))
     >>> len(pool.slots[0]), pool.nbytes, pool.slots[0][1].owner is None
     (2, 128, True)
 """
@@ -26,12 +29,13 @@ __all__ = ["BufferPool", "Slot"]
 
 
 class Slot:
-    """One device tensor of the pool and the bookkeeping that guards it."""
+    """Device tensors of the pool (one per part of a parameter) and the bookkeeping that
+    guards them."""
 
-    __slots__ = ("free", "owner", "ready", "tensor", "used")
+    __slots__ = ("free", "owner", "ready", "tensors", "used")
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
         self.owner: object | None = None
         """The layer whose weights the slot holds (or is being filled with); None: nobody's."""
         self.ready: Any = None
@@ -43,30 +47,42 @@ class Slot:
         be refilled for the next layer without making anyone stall)."""
 
 
+Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
 class BufferPool:
-    """Device tensors allocated once: ``count`` slots per ``(shape, stride, dtype, count)``.
+    """Device tensors allocated once: ``count`` slots per ``(layouts, count)`` entry, each
+    slot one tensor per ``(shape, stride, dtype)`` in ``layouts``.
 
     Raises:
         torch.OutOfMemoryError: the device cannot hold the pool; nothing stays allocated.
     """
 
     def __init__(
-        self,
-        entries: Sequence[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, int]],
-        device: torch.device,
+        self, entries: Sequence[tuple[Sequence[Layout], int]], device: torch.device
     ) -> None:
         self.slots: list[list[Slot]] = [
             [
-                Slot(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+                Slot(
+                    [
+                        torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                        for shape, stride, dtype in layouts
+                    ]
+                )
                 for _ in range(count)
             ]
-            for shape, stride, dtype, count in entries
+            for layouts, count in entries
         ]
 
     @property
     def nbytes(self) -> int:
         """Bytes of device memory the pool's tensors reach."""
-        return sum(slot.tensor.untyped_storage().nbytes() for entry in self.slots for slot in entry)
+        return sum(
+            tensor.untyped_storage().nbytes()
+            for entry in self.slots
+            for slot in entry
+            for tensor in slot.tensors
+        )
 
     def release(self) -> None:
         """Drop the pool's tensors (their memory returns to the allocator)."""
