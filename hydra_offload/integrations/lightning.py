@@ -12,7 +12,9 @@ callback ``setup`` -> ``configure_model`` -> ``strategy.setup`` (precision
 - A "true" half precision (``bf16-true``, ``16-true``, ``64-true``) is applied to the module
   just before offloading, so host storage already has the final dtype and the strategy's own
   conversion finds nothing left to convert (converting afterwards would re-materialise the
-  weights on the device).
+  weights on the device). With ``BitsandbytesPrecision`` the linear layers are replaced and
+  quantized first, one at a time, so host storage holds the quantized weights (see
+  :mod:`hydra_offload.integrations.precision`).
 - The host-memory check counts every process on the node (``trainer.num_devices``) against
   what was available before any of them offloaded: every rank reads ``MemAvailable``, the
   ranks exchange their readings (an all-gather, so none allocates before all have read) and
@@ -58,7 +60,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -66,6 +68,11 @@ from typing_extensions import override
 from hydra_offload import offload as _offload
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, to_offload_config
+from hydra_offload.integrations.precision import (
+    apply_precision,
+    lift_module_init_context,
+    restore_precision,
+)
 from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
 from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
@@ -231,6 +238,9 @@ class OffloadCallback(Callback):
         """The plan of the last stage's offload (it stays after the offload is removed)."""
         self._stage: str | None = None
         self._patched: LightningModule | None = None
+        self._lifted: Precision | None = None
+        """The precision whose module_init_context is left out of the configure_model call
+        this callback makes happen (see lift_module_init_context)."""
         self._wrapped_load: tuple[LightningModule, Any] | None = None
         self._module: Any = None
         self._ddp_ignored_before: Any = None
@@ -304,6 +314,8 @@ class OffloadCallback(Callback):
         if self.config.resolved_backend == "none":
             return
         original = pl_module.configure_model
+        if lift_module_init_context(trainer.precision_plugin, pl_module):
+            self._lifted = trainer.precision_plugin
 
         def configure_model_then_offload() -> None:
             original()
@@ -336,9 +348,7 @@ class OffloadCallback(Callback):
                 )
         if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
             self._refuse_trainable_offloaded(pl_module)
-        precision = trainer.precision_plugin
-        if isinstance(precision, (HalfPrecision, DoublePrecision)):
-            precision.convert_module(pl_module)
+        apply_precision(trainer.precision_plugin, pl_module, device)
         available = self._host_bytes_before_offloading(trainer)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -422,6 +432,9 @@ class OffloadCallback(Callback):
         if self._patched is not None:
             self._patched.__dict__.pop("configure_model", None)
             self._patched = None
+        if self._lifted is not None:
+            restore_precision(self._lifted)
+            self._lifted = None
 
     def _wrap_on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Lightning calls the module's ``on_load_checkpoint`` before it hands callbacks their
