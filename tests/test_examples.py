@@ -113,24 +113,7 @@ def test_moe_experts_uva_offloads_the_experts_and_nothing_else(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "scheme",
-    [
-        "nf4",
-        "int8",
-        pytest.param(
-            "torchao-int8",
-            marks=pytest.mark.xfail(
-                raises=AssertionError,
-                strict=True,
-                reason="hydra_offload bug: with a torchao weight offloaded, the strategy's "
-                "model.to(device) in trainer.fit fails (\"_apply(): Couldn't swap "
-                'Linear.weight": torch swaps wrapper-subclass parameters and the offload '
-                "holds a weakref to each offloaded one)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "torchao-int8"])
 def test_qlora_finetune_trains_adapters_on_an_offloaded_quantized_base(tmp_path, scheme):
     pytest.importorskip("peft", reason="the [quant] extra (peft) is not installed")
     if scheme == "torchao-int8":

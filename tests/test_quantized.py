@@ -577,3 +577,27 @@ def test_cuda_the_bitsandbytes_precision_route_fits_lora_and_predicts(
         mode, BACKENDS[backend], tmp_path / "offload", accelerator="cuda"
     )
     assert torch.equal(predictions, expected)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_moves_onto_the_compute_device_leave_quantized_weights_offloaded(
+    scheme: str, backend: str
+) -> None:
+    # Lightning's strategy moves the whole module to its device after the offload: torch
+    # swaps a tensor subclass's parameter with a new wrapper of itself even when nothing
+    # changes, which would take the offload's pickling overrides away.
+    model = quantized(scheme).eval()
+    x = torch.randn(3, WIDTH)
+    expected = forward(model, x)
+    with apply_offload(model, BACKENDS[backend]) as handle:
+        params = dict(model.named_parameters())
+        model.to("cpu")
+        model.cpu()
+        assert dict(model.named_parameters()) == params
+        assert torch.equal(forward(model, x), expected)
+        assert torch.equal(forward(copy.deepcopy(model), x), expected)
+        with pytest.raises(OffloadError, match="offloaded: moving or converting"):
+            model.to(torch.float64)
+        assert handle.active
+    assert torch.equal(forward(model, x), expected)

@@ -181,7 +181,24 @@ class MoveGuard:
                 "flag off, or call remove() on the offload handle first; nothing was changed"
             )
         kept = {id(t): t for e in below for t in (e.param, e.param.grad) if t is not None}
-        return original(partial(_keeping, kept, fn), *args, **kw)
+        # This module's own offloaded parameters are hidden from the move (Module._apply
+        # skips an entry that is None): it would otherwise swap a tensor subclass's
+        # parameter with a new wrapper of itself (torch.utils.swap_tensors), which moves the
+        # parameter's attributes (the offload's among them) to another object, even when
+        # nothing changes. Its children hide theirs in their own _apply.
+        module = original.__self__
+        own = {
+            key: param
+            for key, param in module._parameters.items()
+            if param is not None and kept.get(id(param)) is param
+        }
+        for key in own:
+            module._parameters[key] = None
+        try:
+            return original(partial(_keeping, kept, fn), *args, **kw)
+        finally:
+            for key, param in own.items():
+                module._parameters[key] = param
 
     def remove(self) -> None:
         for module, patch in self.patches:
