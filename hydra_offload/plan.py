@@ -41,7 +41,7 @@ from hydra_offload.stacks import (
     class_name,
     find_layer_stacks,
 )
-from hydra_offload.weights import Layout, PlainTensor, adapter_class, adapter_for, layouts_nbytes
+from hydra_offload.weights import Layout, WeightsInfo, describe
 
 __all__ = [
     "MIN_SAVED_FRACTION",
@@ -364,7 +364,7 @@ def plan_offload(
     config = to_offload_config(config)
     aliases = _aliases(model)
     where = torch.device(device) if device is not None else None
-    weights = {p: _weights_of(model, names[0], p, where) for p, names in aliases.items()}
+    weights = {p: describe(model, names[0], p, device=where) for p, names in aliases.items()}
     total = sum(w.nbytes for w in weights.values())
     adapters = _peft_adapter_params(model)
     backend = config.resolved_backend
@@ -381,33 +381,6 @@ def plan_offload(
         layers=(), params=(), stacks=(), pool=(), candidates=(), budget_bytes=None,
         notes=(), **common,
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _Weights:
-    """How one parameter's values are held: its parts' layouts (``()``: itself, plain),
-    what it is, and its bytes."""
-
-    parts: tuple[Layout, ...]
-    kind: str
-    nbytes: int
-
-
-def _weights_of(
-    model: nn.Module, name: str, param: torch.Tensor, device: torch.device | None
-) -> _Weights:
-    """The parts of a parameter, through its adapter; a parameter the offload cannot take
-    (which applying it refuses) counts as a plain tensor."""
-    found = adapter_class(param)
-    if found is None or found is PlainTensor:
-        return _Weights((), "tensor", param.numel() * param.element_size())
-    path = name.rpartition(".")[0]
-    owner = model.get_submodule(path) if path else model
-    if found.problem(param, owner) is not None:  # type: ignore[arg-type]
-        return _Weights((), found.kind, param.numel() * param.element_size())
-    adapter = adapter_for(model, name, param, device=device)
-    layouts = adapter.layouts()
-    return _Weights(layouts, adapter.kind, layouts_nbytes(layouts))
 
 
 def _peft_adapter_params(model: nn.Module) -> dict[nn.Parameter, str]:
@@ -449,7 +422,7 @@ def _selected(patterns: frozenset[str], names: list[str]) -> bool:
     return any(matches_any(patterns, name) for name in names)
 
 
-def _planned(name: str, param: torch.Tensor, weights: _Weights, **where: Any) -> PlannedParam:
+def _planned(name: str, param: torch.Tensor, weights: WeightsInfo, **where: Any) -> PlannedParam:
     return PlannedParam(
         name=name,
         shape=tuple(param.shape),
@@ -480,7 +453,7 @@ def _warn_unmatched(
 def _plan_uva(
     config: OffloadConfig,
     aliases: dict[nn.Parameter, list[str]],
-    weights: dict[nn.Parameter, _Weights],
+    weights: dict[nn.Parameter, WeightsInfo],
     adapters: dict[nn.Parameter, str],
     common: dict[str, Any],
 ) -> OffloadPlan:
@@ -517,7 +490,7 @@ def _plan_prefetch(
     model: nn.Module,
     config: OffloadConfig,
     aliases: dict[nn.Parameter, list[str]],
-    weights: dict[nn.Parameter, _Weights],
+    weights: dict[nn.Parameter, WeightsInfo],
     adapters: dict[nn.Parameter, str],
     common: dict[str, Any],
 ) -> OffloadPlan:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from hydra_offload.weights import describe
+
 __all__ = [
     "LayerStack",
     "LayerStackError",
@@ -149,7 +151,8 @@ class StackChoice:
 
 
 def _param_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """The true bytes of the module's parameters (a quantized weight's values and state)."""
+    return sum(describe(module, name, p).nbytes for name, p in module.named_parameters())
 
 
 def _candidate(path: str, module: nn.Module) -> StackCandidate:

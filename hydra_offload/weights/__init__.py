@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -41,8 +43,10 @@ __all__ = [
     "PlainTensor",
     "WeightAdapter",
     "WrapperSubclass",
+    "WeightsInfo",
     "adapter_class",
     "adapter_for",
+    "describe",
     "layout_of",
     "layouts_nbytes",
     "offload_problem",
@@ -119,3 +123,38 @@ def adapter_for(
     if found is None:
         raise ValueError(f"{name} {offload_problem(model, name, param)}")
     return found(param, owner, attr, device=device)  # type: ignore[arg-type]
+
+
+class WeightsInfo(NamedTuple):
+    """How a parameter's values are held, for planning."""
+
+    parts: tuple[Layout, ...]
+    """The layouts of its parts; ``()`` for a plain tensor (its own layout)."""
+    kind: str
+    """``"tensor"``, a tensor subclass's name, ``"bitsandbytes 4-bit"``..."""
+    nbytes: int
+    """Its true bytes: its parts' (a quantized weight's values and quantization state)."""
+
+
+def describe(
+    model: nn.Module, name: str, param: torch.Tensor, *, device: torch.device | None = None
+) -> WeightsInfo:
+    """The parts, kind and true bytes of the parameter ``name`` of ``model``, read from
+    metadata only. A parameter the offload cannot take (which applying it refuses) counts as
+    a plain tensor.
+
+    Example:
+        >>> import torch
+        >>> describe(torch.nn.Linear(4, 4), "weight", torch.nn.Linear(4, 4).weight)
+        WeightsInfo(parts=(), kind='tensor', nbytes=64)
+    """
+    plain = param.numel() * param.element_size()
+    found = adapter_class(param)
+    if found is None or found is PlainTensor:
+        return WeightsInfo((), "tensor", plain)
+    owner, _ = _owner(model, name)
+    if found.problem(param, owner) is not None:  # type: ignore[arg-type]
+        return WeightsInfo((), found.kind, plain)
+    adapter = adapter_for(model, name, param, device=device)
+    layouts = adapter.layouts()
+    return WeightsInfo(layouts, adapter.kind, layouts_nbytes(layouts))
