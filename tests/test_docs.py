@@ -40,6 +40,11 @@ MODULES = [
     "hydra_offload.backends.base",
     "hydra_offload.integrations.sweep",
     "hydra_offload.integrations.trial",
+    "hydra_offload.integrations.precision",
+    "hydra_offload.weights",
+    "hydra_offload.weights.base",
+    "hydra_offload.weights.subclass",
+    "hydra_offload.weights.bitsandbytes",
 ]
 
 

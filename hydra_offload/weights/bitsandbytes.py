@@ -27,13 +27,15 @@ takes to read it lies beside it, where the layer's forward looks for it.
 
 A 4-bit weight that is not quantized yet (it is when moved to a device) is refused.
 
-Example:
+Example (bitsandbytes installed: ``pip install "hydra-offload[quant]"``):
     >>> import torch
-    >>> import bitsandbytes as bnb  # doctest: +SKIP
-    >>> layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4").to("cpu")  # doctest: +SKIP
-    >>> adapter = Bnb4bit(layer.weight, layer, "weight")  # doctest: +SKIP
-    >>> [dtype for _, _, dtype in adapter.layouts()]  # doctest: +SKIP
-    [torch.uint8, torch.uint8]
+    >>> import bitsandbytes as bnb
+    >>> layer = bnb.nn.Linear4bit(256, 256, quant_type="nf4").to("cpu")  # quantizes it
+    >>> adapter = Bnb4bit(layer.weight, layer, "weight", device=torch.device("cpu"))
+    >>> [(shape, dtype) for shape, _, dtype in adapter.layouts()]  # weight, state buffer
+    [((32768,), torch.uint8), ((2240,), torch.uint8)]
+    >>> adapter.nbytes, 256 * 256 * 4  # with its state, 13% of its float32 bytes
+    (35008, 262144)
 """
 
 from __future__ import annotations
