@@ -601,3 +601,30 @@ def test_moves_onto_the_compute_device_leave_quantized_weights_offloaded(
             model.to(torch.float64)
         assert handle.active
     assert torch.equal(forward(model, x), expected)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_simulated_device_sees_a_missing_wait_on_quantized_weights(
+    scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The simulated device follows the copies of every part (inner tensors, quantization
+    # state, scales) through the libraries' own operators: a layer that computes without
+    # waiting for its copy fails there, as it would compute with half-copied weights on a GPU.
+    from hydra_offload.backends import prefetch
+    from hydra_offload.runtime.simulated import SimulatedDeviceError
+
+    def acquire_without_waiting(ring, layer) -> None:
+        if not ring.holds(layer):
+            ring.load(layer, now=True)
+
+    monkeypatch.setattr(prefetch._Ring, "_acquire", acquire_without_waiting)
+    model = quantized(scheme).eval()
+    x = torch.randn(5, WIDTH)
+
+    def two_forwards() -> None:
+        with SimulatedDevice(), apply_offload(model, BACKENDS["prefetch"]):
+            forward(model, x)
+            forward(model, x)
+
+    with pytest.raises(SimulatedDeviceError, match="unordered access"):
+        two_forwards()
