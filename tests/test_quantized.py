@@ -507,7 +507,10 @@ def quantized_on_cuda(scheme: str) -> Net:
 
     torch.manual_seed(0)
     net = Net().to("cuda", torch.bfloat16)
-    quantize_(net.layers, Int4WeightOnlyConfig(group_size=64))
+    # tinygemm's layout (a kernel of torch itself; torchao's default "plain" one needs the
+    # mslk package), which takes in_features in multiples of 128: the `down` layers.
+    config = Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")
+    quantize_(net.layers, config, filter_fn=lambda module, name: name.endswith("down"))
     return net
 
 
@@ -628,3 +631,23 @@ def test_the_simulated_device_sees_a_missing_wait_on_quantized_weights(
 
     with pytest.raises(SimulatedDeviceError, match="unordered access"):
         two_forwards()
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_adapters_injected_without_a_peft_model_stay_on_the_device_and_train_as_without_offload(
+    backend: str,
+) -> None:
+    def injected() -> nn.Module:
+        model = quantized("bnb-nf4")
+        config = peft.LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False)
+        model = peft.inject_adapter_in_model(config, model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(".lora_" in name)
+        return model
+
+    expected = adamw_steps(injected())
+    model = injected()
+    with apply_offload(model, BACKENDS[backend]) as handle:
+        assert not [n for n in handle.plan.offloaded_params if ".lora_" in n]
+        trained = adamw_steps(model)
+    assert max((trained[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
