@@ -104,6 +104,10 @@ class WeightAdapter(abc.ABC):
         self.owner = owner
         self.attr = attr
         self.device = device
+        self._setup()
+
+    def _setup(self) -> None:  # noqa: B027 (optional: most kinds read nothing up front)
+        """Read what this kind needs of the parameter once (called by the constructor)."""
 
     @classmethod
     def problem(cls, param: nn.Parameter, owner: nn.Module) -> str | None:

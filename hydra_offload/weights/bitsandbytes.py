@@ -155,17 +155,8 @@ class Bnb4bit(WeightAdapter):
 
     kind: ClassVar[str] = "bitsandbytes 4-bit"
 
-    def __init__(
-        self,
-        param: nn.Parameter,
-        owner: nn.Module,
-        attr: str,
-        *,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__(param, owner, attr, device=device)
-        quant_state = param.quant_state
-        self.form = _Form.of(param.data, quant_state)
+    def _setup(self) -> None:
+        self.form = _Form.of(self.param.data, self.param.quant_state)
         self._state_capacity = max(self.form.state_bytes, self._packed_state_bytes())
         self.hosts: list[torch.Tensor] = []
         self.served: list[torch.Tensor] = []

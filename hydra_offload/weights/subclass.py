@@ -67,18 +67,11 @@ class WrapperSubclass(WeightAdapter):
 
     kind: ClassVar[str] = "tensor subclass"
 
-    def __init__(
-        self,
-        param: nn.Parameter,
-        owner: nn.Module,
-        attr: str,
-        *,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__(param, owner, attr, device=device)
-        self.kind = type(param).__name__  # type: ignore[misc]
-        self._paths = [path for path, _ in inner_tensors(param)]
-        self._layouts = tuple(layout_of(t) for _, t in inner_tensors(param))
+    def _setup(self) -> None:
+        self.kind = type(self.param).__name__  # type: ignore[misc]
+        parts = inner_tensors(self.param)
+        self._paths = [path for path, _ in parts]
+        self._layouts = tuple(layout_of(t) for _, t in parts)
 
     @classmethod
     def problem(cls, param: nn.Parameter, owner: nn.Module) -> str | None:
