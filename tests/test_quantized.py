@@ -175,11 +175,14 @@ def test_outputs_equal_while_offloaded_after_remove_and_in_a_deep_copy(
     assert torch.equal(forward(model, x), forward(reference, x))
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_the_offloaded_storages_are_freed(scheme: str, backend: str) -> None:
+def test_the_offloaded_storages_are_freed(scheme: str, backend: str, warm: bool) -> None:
     model = quantized(scheme).eval()
     x = torch.randn(5, WIDTH)
+    if warm:
+        forward(model, x)
     plan = plan_offload(model, BACKENDS[backend])
     big = [
         StorageWeakRef(t.untyped_storage())
