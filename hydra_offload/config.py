@@ -7,6 +7,7 @@ Three frozen pydantic models mirror the YAML layout of the ``offload`` config gr
       uva:      {cpu_offload_gb, cpu_offload_params}
       prefetch: {offload_group_size, offload_num_in_group, offload_prefetch_step, offload_params}
       layers:   null | "model.layers" | [encoder.block, decoder.block]
+      share_host_memory: true | false
 
 Validation follows the project specification, ``docs/spec.md §2``: field bounds, the two
 cross-field errors when prefetch is on, and at most one :class:`OffloadConfigWarning` for
@@ -68,12 +69,13 @@ OffloadBackend = Literal["auto", "uva", "prefetch"]
 ResolvedBackend = Literal["none", "uva", "prefetch"]
 """What actually runs once ``auto`` has been resolved."""
 
-_HASH_SCHEMA = "hydra-offload/OffloadConfig/v1"
+_HASH_SCHEMA = "hydra-offload/OffloadConfig/v2"
 
 # ``Strict`` keeps pydantic from turning "8" into 8 or True into 1: a number in the wrong
 # form is a mistake in the user's YAML, not something to guess about.
 _StrictInt = Annotated[int, Strict()]
 _StrictFloat = Annotated[float, Strict()]
+_StrictBool = Annotated[bool, Strict()]
 
 
 class OffloadConfigWarning(UserWarning):
@@ -262,6 +264,11 @@ class OffloadConfig(_Frozen):
     """Dotted path(s), from the model root, of the layer stack(s) the prefetch backend walks,
     e.g. ``model.layers`` or ``[encoder.block, decoder.block]`` (a list of one path is stored
     as that path). ``null``: auto-detect."""
+
+    share_host_memory: _StrictBool = True
+    """Data-parallel processes of one node keep one host copy of the frozen offloaded
+    weights, in memory they share, instead of one each (under Lightning's DDP strategies, or
+    ``apply_offload(..., process_group=...)``); ``false``: each process keeps its own."""
 
     @field_validator("layers", mode="before")
     @classmethod

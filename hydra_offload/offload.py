@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import weakref
@@ -37,6 +38,7 @@ from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.device import runtime_for
 from hydra_offload.runtime.host import proc_bytes
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
+from hydra_offload.runtime.shared import can_share, join_node, release_freed_memory
 from hydra_offload.stats import OffloadStats
 from hydra_offload.weights import offload_problem
 
@@ -72,6 +74,7 @@ class OffloadHandle:
         installed: OffloadBackendBase,
         counters: Counters,
         saved: int | None,
+        shared_by: int = 1,
     ) -> None:
         if not isinstance(installed, OffloadBackendBase):
             raise TypeError(
@@ -85,6 +88,9 @@ class OffloadHandle:
         self._installed: OffloadBackendBase | None = installed
         self._counters = counters
         self._saved = saved
+        self.shared_by = shared_by
+        """How many processes of this node share the host copy of the frozen offloaded
+        weights (1: this process keeps its own)."""
         self._running: int | None = None  # the thread inside the model's forward, if any
         root = _forward_root(model, plan.offloaded_params)
         self._root_hooks = [
@@ -162,6 +168,8 @@ class OffloadHandle:
             loads=c.loads,
             stalls=c.stalls,
             wait_ms=installed.wait_ms,
+            host_bytes_shared=installed.host_bytes_shared,
+            shared_by=self.shared_by if installed.host_bytes_shared else 1,
         )
 
     def remove(self, device: torch.device | str | None = None) -> None:
@@ -208,6 +216,7 @@ def apply_offload(
     processes_per_node: int | None = None,
     host_bytes_available: int | None = None,
     training: bool = True,
+    process_group: Any = None,
 ) -> OffloadHandle:
     """Offload part of ``model``'s weights to host memory, as ``config`` says.
 
@@ -233,6 +242,16 @@ def apply_offload(
             memory check counts them only when ``True`` (for the weights that require grad);
             pass ``False`` for inference, where the weights alone must fit
             (:class:`~hydra_offload.OffloadCallback` does outside ``fit``).
+        process_group: the data-parallel processes that offload this model alike, each its
+            own replica (a ``torch.distributed`` process group, e.g.
+            ``torch.distributed.group.WORLD``). Every process of the group must call
+            ``apply_offload`` together: it is a collective. The processes check that they
+            planned the same offload (one line on every process if not, before any
+            allocates) and, with ``config.share_host_memory`` (the default), the processes of
+            each node keep one host copy of the frozen offloaded weights, in memory they
+            share (:mod:`hydra_offload.runtime.shared`), instead of one each. ``None``: this
+            process alone, with its own copy. :class:`~hydra_offload.OffloadCallback` passes
+            it under DDP.
 
     Returns:
         The handle: ``plan``, ``stats``, ``remove()``; a context manager.
@@ -267,19 +286,41 @@ def apply_offload(
         hydra_offload.errors.OffloadError: offloading needs ... of the 8 processes ...
     """
     config = to_offload_config(config)
-    for module in model.modules():
-        if module in _ACTIVE:
-            raise OffloadError(
-                f"{type(model).__name__} already has an offload applied "
-                f"({_ACTIVE[module]!r}); call remove() on that handle first"
-            )
     compute = _compute_device(model, device)
     plan = plan_offload(model, config, device=compute)
     params = dict(model.named_parameters())
-    _check_offloadable(
-        model, plan, params, _processes_on_node(processes_per_node), host_bytes_available,
-        training,
-    )  # fmt: skip
+    sharing = process_group is not None and config.share_host_memory and can_share()
+    problem: BaseException | None = None
+    try:
+        for module in model.modules():
+            if module in _ACTIVE:
+                raise OffloadError(
+                    f"{type(model).__name__} already has an offload applied "
+                    f"({_ACTIVE[module]!r}); call remove() on that handle first"
+                )
+        _check_offloadable(
+            model, plan, params, _processes_on_node(processes_per_node), host_bytes_available,
+            training, shared=sharing,
+        )  # fmt: skip
+    except (OffloadError, ValueError) as err:
+        if process_group is None:
+            raise
+        problem = err
+    node = None
+    if process_group is not None:
+        # Every process of the group meets here, also one that cannot go on: none is left
+        # waiting for it in a collective, and all refuse together.
+        try:
+            node = join_node(
+                process_group,
+                _signature(plan, params),
+                None if problem is None else str(problem),
+                share=sharing,
+            )
+        except OffloadError:
+            if problem is not None:
+                raise problem from None
+            raise
     runtime = runtime_for(compute)
     counters = Counters()
     saved = None
@@ -294,11 +335,16 @@ def apply_offload(
     else:
         on_device = all(params[p.name].device == runtime.device for p in plan.params)
         before = runtime.memory_allocated()
-        installed = create_backend(model, plan, runtime, counters, zero_copy=zero_copy)
+        installed = create_backend(model, plan, runtime, counters, zero_copy=zero_copy, node=node)
         after = runtime.memory_allocated()
         if on_device and before is not None and after is not None:
             saved = before - after
-    handle = OffloadHandle(model, plan, runtime, installed, counters, saved)
+        if installed.host_bytes_shared:
+            # This process's own copy of the shared weights is free now: give it back to the
+            # operating system, which glibc would otherwise keep in the heap.
+            release_freed_memory()
+    shared_by = node.size if node is not None else 1
+    handle = OffloadHandle(model, plan, runtime, installed, counters, saved, shared_by)
     for module in model.modules():
         _ACTIVE[module] = handle
     note_applied()
@@ -342,12 +388,14 @@ def _check_offloadable(
     processes: int,
     host_bytes_available: int | None = None,
     training: bool = True,
+    *,
+    shared: bool = False,
 ) -> None:
     """Refuse, before anything is modified, what the backends cannot serve correctly.
 
     Host memory: the offloaded weights and, when ``training``, the gradients of the
     trainable ones, times ``processes``, against ``host_bytes_available`` (``None``:
-    ``MemAvailable`` now).
+    ``MemAvailable`` now); with ``shared``, the frozen weights once for the node.
     """
     if host_bytes_available is not None and host_bytes_available < 0:
         raise ValueError(
@@ -369,22 +417,27 @@ def _check_offloadable(
             f"{len(meta)} parameter(s) to offload are on the meta device (not materialized), "
             f"e.g. {meta[0]}; load the weights (or to_empty() and initialize) first"
         )
-    weights = grads = 0
+    weights = grads = once = 0
     for planned in plan.params:
         param = params[planned.name]
         problem = offload_problem(model, planned.name, param)
         if problem:
             raise OffloadError(f"{planned.name} {problem}")
+        if shared and not param.requires_grad:
+            once += planned.nbytes  # one copy for the node, shared by its processes
+            continue
         weights += planned.nbytes
         if training and param.requires_grad:
             grads += planned.nbytes  # its gradient lives in host memory too
     given = host_bytes_available is not None
     available = host_bytes_available if given else available_host_bytes()
-    needed = (weights + grads) * processes
+    needed = once + (weights + grads) * processes
     if available is not None and needed > available:
         what = f"{weights:,} bytes of weights" + (
             f" and {grads:,} of gradients of the trainable ones" if grads else ""
         )
+        if once:
+            what = f"{once:,} bytes of frozen weights shared by the node's processes, " + what
         each = f" in each of the {processes} processes on this node" if processes > 1 else ""
         when = "were available before offloading began" if given else "are available"
         raise OffloadError(
@@ -477,3 +530,12 @@ def _compute_device(model: nn.Module, device: torch.device | str | None) -> torc
         if not param.is_meta:
             return param.device
     return torch.device("cpu")
+
+
+def _signature(plan: OffloadPlan, params: dict[str, nn.Parameter]) -> str:
+    """What a process is about to offload, as text every process of a data-parallel group
+    must share: the config, and each offloaded parameter's name, layouts and whether it
+    trains (which decides whether it is shared)."""
+    lines = [plan.backend, plan.config_hash]
+    lines += [f"{p.name} {p.layouts} {params[p.name].requires_grad} {p.slot}" for p in plan.params]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -45,6 +45,10 @@ class OffloadStats:
             weights (0 when layers run in the planned order).
         wait_ms: time the compute stream waited for copies, measured with CUDA events
             (prefetch on CUDA); ``None`` where it is not measured.
+        host_bytes_shared: of ``host_bytes``, the bytes in memory this node's data-parallel
+            processes share: one copy of the frozen offloaded weights per node (0 when each
+            process keeps its own).
+        shared_by: how many processes of this node share them (1: not shared).
     """
 
     backend: ResolvedBackend
@@ -60,3 +64,5 @@ class OffloadStats:
     loads: int
     stalls: int
     wait_ms: float | None
+    host_bytes_shared: int = 0
+    shared_by: int = 1

@@ -283,9 +283,9 @@ SEGMENTS = ["experts", "w2_weight", "gate", "up_proj", "down_proj", "q_proj", "k
     ("section", "field", "digest"),
     [
         ("uva", "cpu_offload_params",
-         "42662ce10a6d96d2f394809f93c1fb08ac8280bc614fe439cb766221aac7b9a7"),
+         "3a3ce22359b381925af07022b1a825dfd39ec5a6031482e8f5dca58a3d24d958"),
         ("prefetch", "offload_params",
-         "e00685ea029ed089064ff81b6791704ee8479001a359c04f030890e7dc089640"),
+         "ab6cd2f4fe21ca1d10e9cee11c70cf367aca0b333545aac46594a6e99895ace7"),
     ],
     ids=["uva", "prefetch"],
 )  # fmt: skip
@@ -314,6 +314,7 @@ CHANGES = [
     {"prefetch": {"offload_params": ["experts"]}},
     {"layers": "model.layers"},
     {"layers": ["encoder.block", "decoder.block"]},
+    {"share_host_memory": False},
 ]
 
 
@@ -329,7 +330,7 @@ def test_hash_changes_when_any_field_changes():
 # the hash format must change the schema version in the payload, and these values with it.
 PINNED_HASHES = [
     pytest.param(
-        {}, "7858f30bdc15f56801dbd0014b8a1162bf00107e4efa426cc3da4137a8c20e9a", id="default"
+        {}, "2e6ddb73af4e856a46e23dd027992d4c89a0a69be51917acf861eaccdcc97776", id="default"
     ),
     pytest.param(
         {
@@ -339,7 +340,7 @@ PINNED_HASHES = [
                 "cpu_offload_params": ["shared_experts", "experts", "gate", "w1", "w2", "w3"],
             },
         },
-        "a11f892225fb3713589c6db9ac6993dc0b46ff3f5faaa6092d5ddfb5ce2120d8",
+        "fb61330e7ef7332af88a5176cc0c6705a13981407c4c7635f0533f4cb5e686ea",
         id="uva",
     ),
     pytest.param(
@@ -352,12 +353,12 @@ PINNED_HASHES = [
             },
             "layers": ["encoder.block", "decoder.block"],
         },
-        "1291bb405420b901067d444b5dbe3c30f23c5278405c564c1369cf9e5c88d63f",
+        "bb414dda687ffd5d9c4580bde7e0f19dea64f2d14384f55339e3602d5e29f678",
         id="prefetch-params-and-layers",
     ),
     pytest.param(  # the run summary shown in the README
         {"offload_backend": "prefetch", "prefetch": {"offload_group_size": 8}},
-        "7f9dc902889af4c7ba5504e720078dbc44cb9bb276caa5d029b1d2b34fc4da48",
+        "ef5febca912589a4bc0f7632ffcb52b04b61cc700bd91b935177c2438e0df66e",
         id="readme-run",
     ),
 ]

@@ -27,6 +27,7 @@ MODULES = [
     "hydra_offload.runtime.host",
     "hydra_offload.runtime.params",
     "hydra_offload.runtime.pool",
+    "hydra_offload.runtime.shared",
     "hydra_offload.runtime.simulated",
     "hydra_offload.runtime.timing",
     "hydra_offload.schedule",

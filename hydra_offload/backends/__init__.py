@@ -33,6 +33,7 @@ from hydra_offload.backends.uva import UVAOffload
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.shared import NodeGroup
 
 __all__ = ["NoOffload", "OffloadBackendBase", "PrefetchOffload", "UVAOffload", "create_backend"]
 
@@ -44,6 +45,7 @@ def create_backend(
     counters: Counters | None = None,
     *,
     zero_copy: bool | None = None,
+    node: NodeGroup | None = None,
 ) -> OffloadBackendBase:
     """Install the backend ``plan`` names on ``model``, the one place a backend is chosen.
 
@@ -55,6 +57,10 @@ def create_backend(
         counters: where the backend counts loads, copied bytes and stalls (the handle reads
             them for its statistics); ``None``: fresh counters.
         zero_copy: UVA only (see :func:`hydra_offload.apply_offload`); ignored otherwise.
+        node: the processes of this node that share the frozen offloaded weights' host
+            memory (:func:`~hydra_offload.runtime.shared.join_node`); ``None``: this
+            process keeps its own copy. With a node, every process of its group must call
+            this with the same plan.
 
     Returns:
         :class:`NoOffload` when the plan offloads no parameter (backend ``"none"`` or an
@@ -73,7 +79,7 @@ def create_backend(
     if plan.backend == "none" or not plan.params:
         return NoOffload()
     if plan.backend == "uva":
-        return UVAOffload(model, plan, runtime, counters, zero_copy=zero_copy)
+        return UVAOffload(model, plan, runtime, counters, zero_copy=zero_copy, node=node)
     if plan.backend == "prefetch":
-        return PrefetchOffload(model, plan, runtime, counters)
+        return PrefetchOffload(model, plan, runtime, counters, node=node)
     raise ValueError(f"no backend is called {plan.backend!r}; expected 'none', 'uva' or 'prefetch'")

@@ -91,6 +91,12 @@ class OffloadBackendBase(abc.ABC):
         CPU)."""
 
     @property
+    def host_bytes_shared(self) -> int:
+        """Of :attr:`host_bytes`, the bytes in memory the processes of this node share (see
+        :mod:`hydra_offload.runtime.shared`). Default: 0, nothing shared."""
+        return 0
+
+    @property
     def wait_ms(self) -> float | None:
         """Milliseconds the compute stream waited for copies, measured with device timing
         events. Default: ``None``, not measured."""
@@ -210,3 +216,8 @@ class StagedOffload(OffloadBackendBase):
         """Of :attr:`host_bytes`, the page-locked bytes (0 on the CPU)."""
         grads = self.grads.pinned_bytes if self.grads is not None else 0
         return sum(s.pinned_bytes for s in self._host_storages()) + grads
+
+    @property
+    def host_bytes_shared(self) -> int:
+        """Of :attr:`host_bytes`, the bytes the node's processes share."""
+        return sum(s.shared_bytes for s in self._host_storages())

@@ -64,6 +64,7 @@ from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
+from hydra_offload.runtime.shared import NodeGroup
 from hydra_offload.runtime.timing import WaitTimer
 from hydra_offload.schedule import RingSchedule, schedules_of
 from hydra_offload.weights import ModulePatch, WeightAdapter
@@ -371,7 +372,13 @@ class PrefetchOffload(StagedOffload):
     """
 
     def __init__(
-        self, model: nn.Module, plan: OffloadPlan, runtime: DeviceRuntime, counters: Counters
+        self,
+        model: nn.Module,
+        plan: OffloadPlan,
+        runtime: DeviceRuntime,
+        counters: Counters,
+        *,
+        node: NodeGroup | None = None,
     ) -> None:
         self.runtime = runtime
         self.counters = counters
@@ -380,7 +387,7 @@ class PrefetchOffload(StagedOffload):
         self._params: dict[int, _Param] = {}
         self.grads: HostGradients | None = None
         self._patches: list[ModulePatch] = []
-        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime)
+        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime, node=node)
         # An empty tensor holds no memory to copy (and may sit at the end of its range, or be
         # the whole of an empty buffer, where CUDA reports no page-locked memory).
         if runtime.is_cuda and not all(

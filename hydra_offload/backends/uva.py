@@ -45,6 +45,7 @@ from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import OffloadedParam, Staged, point_at, restore, stage_to_host
+from hydra_offload.runtime.shared import NodeGroup
 from hydra_offload.weights import ModulePatch, PlainTensor, layout_of
 
 __all__ = ["UVAMode", "UVAOffload"]
@@ -67,6 +68,7 @@ class UVAOffload(StagedOffload):
         counters: Counters,
         *,
         zero_copy: bool | None = None,
+        node: NodeGroup | None = None,
     ) -> None:
         self.runtime = runtime
         self.counters = counters
@@ -78,7 +80,7 @@ class UVAOffload(StagedOffload):
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._patches: list[ModulePatch] = []
         self.mode: UVAMode = _choose_mode(runtime, zero_copy)
-        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime)
+        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime, node=node)
         try:
             views = self._zero_copy_views(zero_copy) if self.mode == "zero_copy" else None
             if views is not None:

@@ -436,6 +436,12 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         "peak device memory", "not measured (CPU)" if peak is None else format_bytes(peak)
     )
     table.add_row("device bytes saved", _saved_cell(summary))
+    shared_by = summary.get("host_shared_by", 1)
+    if shared_by > 1:
+        table.add_row(
+            "host memory shared",
+            f"{format_bytes(summary['host_bytes_shared'])} by {shared_by} processes of this node",
+        )
     table.add_row("steps", str(summary["steps"]))
     step_ms = summary["step_ms"]
     table.add_row("time per step (median)", "-" if step_ms is None else f"{step_ms:.2f} ms")

@@ -66,6 +66,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from hydra_offload import offload as _offload
+from hydra_offload._format import format_bytes
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, to_offload_config
 from hydra_offload.integrations.precision import (
@@ -153,6 +154,8 @@ class _StageRecord:
             "offloaded_bytes": stats.offloaded_bytes if stats is not None else 0,
             "pool_bytes": stats.pool_bytes if stats is not None else 0,
             "host_bytes_pinned": stats.host_bytes_pinned if stats is not None else 0,
+            "host_bytes_shared": stats.host_bytes_shared if stats is not None else 0,
+            "host_shared_by": stats.shared_by if stats is not None else 1,
             "h2d_bytes_per_forward": per_forward,
             "stalls": stats.stalls if stats is not None else 0,
             "wait_ms": stats.wait_ms if stats is not None else None,
@@ -359,6 +362,7 @@ class OffloadCallback(Callback):
                 processes_per_node=trainer.num_devices,
                 host_bytes_available=available,
                 training=trainer.state.fn == TrainerFn.FITTING,
+                process_group=_data_parallel_group(trainer),
             )
         self._pass_on(caught)
         self._ddp_ignored_before = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
@@ -490,6 +494,13 @@ class OffloadCallback(Callback):
         if not trainer.is_global_zero:
             return
         text = "\n".join(line.rstrip() for line in plan.summary().rstrip().splitlines())
+        handle = self.handle
+        if handle is not None and handle.shared_by > 1:
+            shared = handle.stats.host_bytes_shared
+            text += (
+                f"\nhost memory: {format_bytes(shared)} of it shared by {handle.shared_by} "
+                "processes of this node (one copy per node)"
+            )
         if self._stage != "fit" and self._shown_plan is not None:
             module_ref, shown = self._shown_plan
             if module_ref() is pl_module and shown == text:
@@ -651,3 +662,14 @@ class OffloadCallback(Callback):
                 "OffloadCallback: resuming with a different offload config than the checkpoint "
                 "was written with; the weights are unaffected."
             )
+
+
+def _data_parallel_group(trainer: Trainer) -> Any:
+    """The process group whose processes offload the module alike (each its own replica),
+    which the offload meets and shares host memory in: the default group under a
+    data-parallel strategy with several processes, else ``None``."""
+    if trainer.world_size <= 1:
+        return None
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return torch.distributed.group.WORLD

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from hydra_offload.runtime.host import HostStorage, Layout
+from hydra_offload.runtime.shared import NodeGroup
 
 __all__ = ["DeviceRuntime", "NullEvent", "NullStream", "runtime_for"]
 
@@ -88,9 +89,22 @@ class DeviceRuntime:
         """The device host memory is page-locked for (CUDA), or ``None``."""
         return self.device if self.is_cuda else None
 
-    def host_storage(self, layouts: Sequence[Layout]) -> HostStorage:
-        """Exact-size host memory for these layouts, page-locked for the device on CUDA."""
-        return HostStorage(layouts, pin_for=self.pin_for)
+    def host_storage(
+        self,
+        layouts: Sequence[Layout],
+        *,
+        shared: Sequence[bool] | None = None,
+        node: NodeGroup | None = None,
+    ) -> HostStorage:
+        """Exact-size host memory for these layouts, page-locked for the device on CUDA;
+        those marked ``shared`` in memory the processes of ``node`` share (see
+        :class:`HostStorage`), after :meth:`publish`."""
+        return HostStorage(layouts, pin_for=self.pin_for, shared=shared, node=node)
+
+    def publish(self, storage: HostStorage, problem: str | None = None) -> None:
+        """Share ``storage``'s shared memory with the node's processes
+        (:meth:`HostStorage.publish`, a collective)."""
+        storage.publish(problem)
 
     def new_stream(self) -> Any:
         """A new side stream (the copy stream), or a :class:`NullStream` on CPU."""

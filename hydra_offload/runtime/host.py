@@ -23,6 +23,11 @@ is unregistered, and the memory is released. A device view kept after ``free()``
 
 With a CPU compute device nothing is registered: the buffer is simply a separate CPU tensor.
 
+Shared by a node's processes (``shared=``, ``node=``; see :mod:`hydra_offload.runtime.shared`):
+the buffers of the tensors marked shared are segments the node's leader creates and fills and
+the other processes map, after :meth:`HostStorage.publish`; every process registers its own
+mapping. Until then a follower's shared tensors are ``None`` (:meth:`HostStorage.view`).
+
 Example:
     >>> import torch
     >>> host = HostStorage([((2, 3), (3, 1), torch.float32), ((4,), (1,), torch.bfloat16)])
@@ -43,7 +48,9 @@ from typing import Any
 
 import torch
 
+from hydra_offload.errors import OffloadError
 from hydra_offload.runtime import cudart
+from hydra_offload.runtime.shared import NodeGroup, SharedSegment, exchange
 
 __all__ = ["ALIGNMENT", "HostStorage", "proc_bytes", "storage_span"]
 
@@ -93,47 +100,145 @@ class HostStorage:
         layouts: ``(shape, stride, dtype)`` of each tensor to hold.
         pin_for: a CUDA device to page-lock (register) the buffer for; ``None`` keeps it as
             ordinary memory (the CPU compute path).
+        shared: per layout, whether it lives in memory the node's processes share (with
+            ``node``); ``None``: none does.
+        node: the processes of this node (:func:`~hydra_offload.runtime.shared.join_node`);
+            ``None``: nothing is shared.
 
     Raises:
         RuntimeError: the memory cannot be allocated or registered; nothing stays allocated.
     """
 
-    def __init__(self, layouts: Sequence[Layout], *, pin_for: torch.device | None = None):
+    def __init__(
+        self,
+        layouts: Sequence[Layout],
+        *,
+        pin_for: torch.device | None = None,
+        shared: Sequence[bool] | None = None,
+        node: NodeGroup | None = None,
+    ):
         self._layouts = list(layouts)
+        self._pin_for = pin_for
+        self._node = node
         self.nbytes = 0
         """Bytes of the buffers' aligned ranges (what is registered): the tensors' bytes plus
         the padding that starts each on a multiple of ``ALIGNMENT`` and ends each range on
-        one. Each allocation is ``ALIGNMENT`` bytes larger than its range, to start it on an
-        aligned address."""
+        one. Each private allocation is ``ALIGNMENT`` bytes larger than its range, to start
+        it on an aligned address (shared segments start on a page)."""
+        self.shared_bytes = 0
+        """Of :attr:`nbytes`, the bytes in memory the node's processes share (one copy per
+        node)."""
         self.pinned_bytes = 0
         """Bytes registered with the CUDA runtime (0 on the CPU path, and after :meth:`free`)."""
-        # One buffer per dtype: torch.save refuses tensors of different dtypes that view one
-        # storage, and a state dict (a checkpoint) holds these tensors.
-        by_dtype: dict[torch.dtype, list[int]] = {}
+        marks = list(shared) if shared is not None and node is not None else []
+        # One buffer per dtype (and sharing): torch.save refuses tensors of different dtypes
+        # that view one storage, and a state dict (a checkpoint) holds these tensors.
+        groups: dict[tuple[torch.dtype, bool], list[int]] = {}
         for index, (_, _, dtype) in enumerate(self._layouts):
-            by_dtype.setdefault(dtype, []).append(index)
+            groups.setdefault((dtype, bool(marks and marks[index])), []).append(index)
         self._blocks: list[_Part] = []
-        tensors: list[torch.Tensor | None] = [None] * len(self._layouts)
-        for indices in by_dtype.values():
+        self._views: list[torch.Tensor | None] = [None] * len(self._layouts)
+        for (_, is_shared), indices in groups.items():
             offsets, sizes, end = [], [], 0
             for index in indices:
                 shape, stride, dtype = self._layouts[index]
                 offsets.append(_align(end))
                 sizes.append(storage_span(shape, stride) * dtype.itemsize)
                 end = offsets[-1] + sizes[-1]
-            block = _HostBlock(_align(end))
-            _zero_gaps(block, offsets, sizes)
-            if pin_for is not None and pin_for.type == "cuda" and block.nbytes:
-                # On failure, the buffers (and the registrations made) go with this frame.
-                block.register(pin_for)
-                self.pinned_bytes += block.nbytes
-            self.nbytes += block.nbytes
-            self._blocks.append(_Part(block, indices, offsets))
-            for index, offset in zip(indices, offsets, strict=True):
-                tensors[index] = self._view(
-                    block.buffer, block.offset + offset, self._layouts[index]
-                )
-        self.tensors: list[torch.Tensor] = [t for t in tensors if t is not None]
+            # An empty buffer (empty tensors only) has nothing to share.
+            part = _Part(None, indices, offsets, _align(end), is_shared and end > 0)
+            is_shared = part.shared
+            self._blocks.append(part)
+            self.nbytes += part.nbytes
+            if is_shared:
+                self.shared_bytes += part.nbytes
+                assert node is not None
+                if not node.leader:
+                    continue  # mapped from the leader's segment in publish()
+                part.block = _HostBlock(part.nbytes, segment=SharedSegment.create(part.nbytes))
+            else:
+                part.block = _HostBlock(part.nbytes)
+                self._register(part)
+            _zero_gaps(part.block, offsets, sizes)
+            self._make_views(part)
+
+    def _register(self, part: _Part) -> None:
+        block = part.block
+        assert block is not None
+        pin_for = self._pin_for
+        if pin_for is not None and pin_for.type == "cuda" and block.nbytes:
+            # On failure, the buffers (and the registrations made) go with this frame.
+            block.register(pin_for)
+            self.pinned_bytes += block.nbytes
+
+    def _make_views(self, part: _Part) -> None:
+        block = part.block
+        assert block is not None
+        for index, offset in zip(part.indices, part.offsets, strict=True):
+            self._views[index] = self._view(
+                block.buffer, block.offset + offset, self._layouts[index]
+            )
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """One tensor per layout, in order (shared ones once :meth:`publish` has run)."""
+        if any(v is None for v in self._views) and self._blocks:
+            raise RuntimeError("shared host storage is used before publish()")
+        return [v for v in self._views if v is not None]
+
+    def view(self, index: int) -> torch.Tensor | None:
+        """The tensor of layout ``index``, or ``None``: a shared one on a process that is not
+        the node's leader, before :meth:`publish`."""
+        return self._views[index]
+
+    def publish(self, problem: str | None = None) -> None:
+        """Share the shared segments with the node's other processes: a collective of the
+        whole process group, after the leader has filled them. The other processes map
+        them; once every process of the node has, the leader closes its descriptors; each
+        process then page-locks its own mapping (CUDA). Does nothing without a node.
+
+        Args:
+            problem: why this process cannot go on (filling failed): every process then
+                frees its storage and raises.
+
+        Raises:
+            OffloadError: a process had a problem, or could not map the segments; raised on
+                every process alike (the storage is freed).
+        """
+        node = self._node
+        if node is None:
+            if problem is not None:
+                raise OffloadError(problem)
+            return
+        shared = [p for p in self._blocks if p.shared]
+        segments = [p.block.segment for p in shared if p.block is not None]
+        offer = [(s.pid, s.fd, s.buffer.numel()) for s in segments if s is not None]
+        try:
+            sent = exchange(node, offer if node.leader else None, problem)
+        except BaseException:
+            self.free()
+            raise
+        mapped: str | None = None
+        if not node.leader:
+            try:
+                for part, (pid, fd, nbytes) in zip(shared, sent[0], strict=True):
+                    part.block = _HostBlock(nbytes, segment=SharedSegment.attach(pid, fd, nbytes))
+                    self._make_views(part)
+            except OffloadError as err:
+                mapped = str(err)  # the others learn it in the next exchange
+        try:
+            # Every process of the node has mapped the segments (or says why not): the
+            # leader's descriptors are no longer needed.
+            exchange(node, None, mapped)
+            for part in shared:
+                self._register(part)
+        except BaseException:
+            self.free()
+            raise
+        finally:
+            for segment in segments:
+                if segment is not None:
+                    segment.close()
 
     @staticmethod
     def _view(buffer: torch.Tensor, offset: int, layout: Layout) -> torch.Tensor:
@@ -158,12 +263,14 @@ class HostStorage:
         """
         if device.type != "cuda":
             raise RuntimeError(f"zero-copy views of host memory need a CUDA device, not {device}")
-        registered = [p for p in self._blocks if p.block.nbytes]
-        if not registered or any(p.block.registration is None for p in registered):
+        blocks = [p.block for p in self._blocks if p.block is not None]
+        registered = [b for b in blocks if b.nbytes]
+        if not registered or any(b.registration is None for b in registered):
             raise RuntimeError("zero-copy views need host memory registered for CUDA")
         views: list[torch.Tensor | None] = [None] * len(self._layouts)
         for part in self._blocks:
             block = part.block
+            assert block is not None
             if not block.nbytes:  # only empty tensors: nothing to map
                 for layout_index in part.indices:
                     shape, stride, dtype = self._layouts[layout_index]
@@ -193,23 +300,38 @@ class HostStorage:
 
         Without device views left, the memory is unregistered (after synchronizing the
         devices that may read it) and released at once; otherwise when the last view goes.
+        Shared memory goes when the last process of the node lets go of it.
         """
+        for part in self._blocks:
+            if part.block is not None and part.block.segment is not None:
+                part.block.segment.close()
         self._blocks = []
         self.pinned_bytes = 0
-        self.tensors = []
+        self.shared_bytes = 0
+        self._views = []
 
 
 class _Part:
-    """One buffer of a :class:`HostStorage`: the tensors of one dtype."""
+    """One buffer of a :class:`HostStorage`: the tensors of one dtype (shared or not)."""
 
-    __slots__ = ("block", "indices", "offsets")
+    __slots__ = ("block", "indices", "nbytes", "offsets", "shared")
 
-    def __init__(self, block: _HostBlock, indices: list[int], offsets: list[int]) -> None:
+    def __init__(
+        self,
+        block: _HostBlock | None,
+        indices: list[int],
+        offsets: list[int],
+        nbytes: int,
+        shared: bool,
+    ) -> None:
         self.block = block
+        """The buffer (``None``: a shared one not mapped here yet)."""
         self.indices = indices
         """Positions of its tensors among the storage's layouts."""
         self.offsets = offsets
         """Each tensor's byte offset in the block's aligned range."""
+        self.nbytes = nbytes
+        self.shared = shared
 
 
 def _zero_gaps(block: _HostBlock, offsets: Sequence[int], sizes: Sequence[int]) -> None:
@@ -233,14 +355,21 @@ class _HostBlock:
     holds refers back to it, so it goes, and with it the registration, with the last holder.
     """
 
-    def __init__(self, nbytes: int) -> None:
-        # The CPU allocator aligns to 64 bytes only: allocate a little more, start aligned.
-        # Both the allocation and the aligned range (nbytes) are whole numbers of ALIGNMENT
-        # blocks, so each storage is a whole number of elements of any dtype: torch.save
-        # writes, and torch.load checks, the whole storage a tensor views.
-        size = nbytes + ALIGNMENT if nbytes else 0
-        self.buffer = torch.empty(size, dtype=torch.uint8, device="cpu")
-        self.offset = -self.buffer.data_ptr() % ALIGNMENT if nbytes else 0
+    def __init__(self, nbytes: int, *, segment: SharedSegment | None = None) -> None:
+        self.segment = segment
+        """The shared segment the buffer maps (``None``: private memory)."""
+        if segment is not None:  # page-aligned, exactly nbytes
+            self.buffer = segment.buffer
+            self.offset = 0
+        else:
+            # The CPU allocator aligns to 64 bytes only: allocate a little more, start
+            # aligned. Both the allocation and the aligned range (nbytes) are whole numbers
+            # of ALIGNMENT blocks, so each storage is a whole number of elements of any
+            # dtype: torch.save writes, and torch.load checks, the whole storage a tensor
+            # views.
+            size = nbytes + ALIGNMENT if nbytes else 0
+            self.buffer = torch.empty(size, dtype=torch.uint8, device="cpu")
+            self.offset = -self.buffer.data_ptr() % ALIGNMENT if nbytes else 0
         """Bytes from the allocation's start to the aligned range."""
         self.ptr = self.buffer.data_ptr() + self.offset
         """Host address of the aligned range (what is registered)."""

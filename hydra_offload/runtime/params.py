@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from hydra_offload.errors import OffloadError
 from hydra_offload.runtime.device import DeviceRuntime
 from hydra_offload.runtime.host import HostStorage
+from hydra_offload.runtime.shared import NodeGroup, exchange
 from hydra_offload.weights import WeightAdapter, adapter_for
 
 __all__ = [
@@ -73,32 +75,62 @@ def stage_to_host(
     names: Sequence[str],
     runtime: DeviceRuntime,
     params: dict[str, nn.Parameter] | None = None,
+    node: NodeGroup | None = None,
 ) -> Staged:
     """Copy the values of ``model``'s parameters ``names`` (every part of each) into one new
     :class:`HostStorage` (page-locked for the runtime's device where it has one); the model
     is unchanged.
 
+    With ``node`` (the processes of this node, :func:`~hydra_offload.runtime.shared.join_node`),
+    the frozen parameters' values go to memory the node's processes share: the node's leader
+    fills it, the others map it (a collective of the process group: every process of it
+    calls this, with the same parameters); trainable ones stay in each process's own memory.
+
     Raises:
         RuntimeError: host memory could not be allocated or page-locked (nothing is kept).
+        OffloadError: with ``node``, a process of the group failed (every process raises).
     """
     if params is None:
         params = dict(model.named_parameters())
     adapters = [adapter_for(model, name, params[name], device=runtime.device) for name in names]
+    counts = [len(adapter.layouts()) for adapter in adapters]
+    shares = [node is not None and not params[name].requires_grad for name in names]
     layouts = [layout for adapter in adapters for layout in adapter.layouts()]
-    storage = runtime.host_storage(layouts)
-    staged = []
+    marks = [share for share, count in zip(shares, counts, strict=True) for _ in range(count)]
+    try:
+        storage = runtime.host_storage(layouts, shared=marks, node=node)
+    except BaseException as err:
+        if node is not None:  # the others wait in publish(): tell them, then raise
+            with contextlib.suppress(OffloadError):
+                exchange(node, None, f"allocating host memory failed: {err}")
+        raise
+    failure: BaseException | None = None
     try:
         position = 0
-        for name, adapter in zip(names, adapters, strict=True):
-            count = len(adapter.layouts())
-            hosts = storage.tensors[position : position + count]
+        for adapter, count, share in zip(adapters, counts, shares, strict=True):
+            if not share or (node is not None and node.leader):
+                views = [storage.view(i) for i in range(position, position + count)]
+                adapter.write_to([v for v in views if v is not None])
             position += count
-            adapter.write_to(hosts)
-            param = params[name]
-            staged.append(OffloadedParam(name, param, hosts, param.device, adapter))
-    except BaseException:
+    except BaseException as err:
+        if node is None:
+            storage.free()
+            raise
+        failure = err
+    problem = None if failure is None else f"copying weights to host memory failed: {failure}"
+    try:
+        runtime.publish(storage, problem)
+    except BaseException as err:
         storage.free()
+        if failure is not None:
+            raise failure from err
         raise
+    staged, position = [], 0
+    for name, adapter, count in zip(names, adapters, counts, strict=True):
+        hosts = storage.tensors[position : position + count]
+        position += count
+        param = params[name]
+        staged.append(OffloadedParam(name, param, hosts, param.device, adapter))
     return Staged(storage, staged)
 
 

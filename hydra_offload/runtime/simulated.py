@@ -55,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hydra_offload.runtime.device import _FACTORY, DeviceRuntime
 from hydra_offload.runtime.host import HostStorage, Layout, storage_span
+from hydra_offload.runtime.shared import NodeGroup
 
 __all__ = ["SimulatedDevice", "SimulatedDeviceError", "SimulatedRuntime"]
 
@@ -213,10 +214,21 @@ class SimulatedRuntime(DeviceRuntime):
     def pin_for(self) -> torch.device | None:
         return None
 
-    def host_storage(self, layouts: Sequence[Layout]) -> HostStorage:
-        storage = HostStorage(layouts, pin_for=None)
-        self.simulated.mark_host(storage.tensors, pinned=True)
+    def host_storage(
+        self,
+        layouts: Sequence[Layout],
+        *,
+        shared: Sequence[bool] | None = None,
+        node: NodeGroup | None = None,
+    ) -> HostStorage:
+        storage = HostStorage(layouts, pin_for=None, shared=shared, node=node)
+        views = [storage.view(i) for i in range(len(layouts))]
+        self.simulated.mark_host([v for v in views if v is not None], pinned=True)
         return storage
+
+    def publish(self, storage: HostStorage, problem: str | None = None) -> None:
+        storage.publish(problem)
+        self.simulated.mark_host(storage.tensors, pinned=True)
 
     def new_stream(self) -> Any:
         return self.simulated.new_stream()

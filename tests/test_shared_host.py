@@ -1,0 +1,97 @@
+"""One host copy per node: data-parallel processes that offload alike share the frozen
+offloaded weights' host memory (``apply_offload(..., process_group=...)``), in real processes
+(``torchrun``-style environment, gloo on the CPU; ``lightning_apps/shared_host.py``).
+
+One launch of two processes checks: outputs equal the model without offload, with prefetch and
+with UVA; both processes map the very same memory (one inode); ``stats`` and the handle say it
+is shared by 2; ``share_host_memory=false`` keeps one copy per process; ``remove()`` unmaps
+it; plans that differ between processes, and a process refused before the meeting, are refused
+on every process in one line, after which the processes are still in step. Killing a process
+with SIGKILL while the memory is handed over, or while it runs, leaves nothing in
+``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydra_offload.runtime.shared import can_share
+
+APP = Path(__file__).parent / "lightning_apps" / "shared_host.py"
+
+pytestmark = pytest.mark.skipif(not can_share(), reason="needs Linux memfd_create and /proc")
+
+
+def launch(*args: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(APP), *args], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("shared_host")
+    result = launch("checks", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("backend", ["prefetch", "uva"])
+def test_the_processes_of_a_node_share_one_host_copy(ranks, backend):
+    runs = [rank[f"{backend}-True"] for rank in ranks]
+    for run in runs:
+        assert run["equal"]
+        assert run["after_remove"]
+        assert run["shared_by"] == run["stats_shared_by"] == 2
+        assert run["host_bytes_shared"] == run["offloaded_bytes"] > 0
+        assert len(run["inodes"]) == 1
+        assert run["inodes_after"] == []  # remove() unmapped it
+    # The same memory: one memory file, mapped by both processes.
+    assert runs[0]["inodes"] == runs[1]["inodes"]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+
+
+@pytest.mark.parametrize("backend", ["prefetch", "uva"])
+def test_share_host_memory_false_keeps_one_copy_per_process(ranks, backend):
+    for rank in ranks:
+        run = rank[f"{backend}-False"]
+        assert run["equal"]
+        assert run["shared_by"] == run["stats_shared_by"] == 1
+        assert run["host_bytes_shared"] == 0
+        assert run["inodes"] == []
+
+
+def test_plans_that_differ_are_refused_on_every_process_in_one_line(ranks):
+    errors = [rank["differing"]["error"] for rank in ranks]
+    assert all(e is not None and e.startswith("OffloadError: the processes of the group planned "
+               "different offloads") for e in errors), errors  # fmt: skip
+    assert all("\n" not in e for e in errors)
+
+
+def test_a_process_refused_before_the_meeting_stops_every_process(ranks):
+    mine, other = ranks[1]["refused"]["error"], ranks[0]["refused"]["error"]
+    assert mine == (
+        "OffloadError: layers.1.weight has layout torch.sparse_coo; only dense (strided) "
+        "tensors can be offloaded"
+    )
+    assert other.startswith("OffloadError: process 1 of the group cannot offload, so none does")
+    # No process was left waiting in a collective: both offload together afterwards.
+    assert [rank["after_refusals"] for rank in ranks] == [2, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["setup", "run"])
+def test_a_process_killed_leaves_nothing_in_dev_shm(tmp_path, when):
+    before = sorted(os.listdir("/dev/shm"))
+    result = launch(f"kill-{when}", str(tmp_path))
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "process 1 terminated with signal SIGKILL" in result.stdout
+    assert sorted(os.listdir("/dev/shm")) == before
