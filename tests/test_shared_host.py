@@ -95,3 +95,59 @@ def test_a_process_killed_leaves_nothing_in_dev_shm(tmp_path, when):
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
     assert "process 1 terminated with signal SIGKILL" in result.stdout
     assert sorted(os.listdir("/dev/shm")) == before
+
+
+# -- under Lightning's DDP strategy -------------------------------------------------------------
+
+DDP_APP = Path(__file__).parent / "lightning_apps" / "ddp_shared.py"
+MIB = 2**20
+FROZEN_BYTES = 128 * MIB  # ddp_shared.py's frozen layers
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[tuple[str, str], list[dict]]:
+    """Each (stage, option) in its own launch of 2 DDP processes: no run inherits what another
+    left in the processes' memory."""
+    out = tmp_path_factory.mktemp("ddp_shared")
+    runs = {}
+    for stage in ("predict", "fit"):
+        for option in ("none", "prefetch", "uva"):
+            result = subprocess.run(
+                [sys.executable, str(DDP_APP), str(out), stage, option],
+                cwd=DDP_APP.parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            runs[(stage, option)] = [
+                torch.load(out / f"{stage}-{option}-rank{r}.pt", weights_only=False)
+                for r in (0, 1)
+            ]
+    return runs
+
+
+def node_pss(ranks: list[dict]) -> int:
+    """The node's host memory while the stage ran: the sum of its processes' largest Pss."""
+    return sum(rank["pss_max"] for rank in ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["prefetch", "uva"])
+@pytest.mark.parametrize("stage", ["predict", "fit"])
+def test_under_ddp_the_node_holds_one_copy_and_computes_as_without_offload(
+    ddp_runs, stage, option
+):
+    plain, offloaded = ddp_runs[(stage, "none")], ddp_runs[(stage, option)]
+    for without, with_ in zip(plain, offloaded, strict=True):
+        assert with_["shared_by"] == 2
+        assert with_["host_bytes_shared"] == with_["offloaded_bytes"] >= FROZEN_BYTES
+        if stage == "predict":
+            for a, b in zip(without["predictions"], with_["predictions"], strict=True):
+                assert torch.equal(a, b)
+        else:
+            assert without["params"].keys() == with_["params"].keys()
+            for name, value in without["params"].items():
+                assert torch.equal(value, with_["params"][name]), name
+    # Without offload each process holds its own 128 MiB; with it the node holds them once
+    # (and, with prefetch, each process one layer's slots).
+    saved = node_pss(plain) - node_pss(offloaded)
+    assert saved >= 0.7 * FROZEN_BYTES, f"the node holds only {saved / MIB:.1f} MiB less"
