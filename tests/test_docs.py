@@ -42,6 +42,7 @@ MODULES = [
     "hydra_offload.integrations.sweep",
     "hydra_offload.integrations.trial",
     "hydra_offload.integrations.precision",
+    "hydra_offload.integrations.strategies",
     "hydra_offload.weights",
     "hydra_offload.weights.base",
     "hydra_offload.weights.subclass",

@@ -22,8 +22,11 @@ callback ``setup`` -> ``configure_model`` -> ``strategy.setup`` (precision
 - Offloaded parameters then point at device memory the offload owns (slots, zero-copy views),
   so the strategy's ``module.to(device)`` leaves them where they are.
 - Under DDP the offloaded parameters are listed in the module's
-  ``_ddp_params_and_buffers_to_ignore``: DDP neither broadcasts into them nor syncs them, and
-  each rank offloads its own replica.
+  ``_ddp_params_and_buffers_to_ignore``: DDP neither broadcasts into them nor syncs them. Each
+  rank offloads its own replica, and the ranks of a node keep one host copy of the frozen
+  offloaded weights, in memory they share (``offload.share_host_memory``). Strategies that
+  shard parameters (FSDP, FSDP2, DeepSpeed) are refused at ``setup``
+  (:mod:`hydra_offload.integrations.strategies`).
 - At the end of the stage (or on an exception) the offload is removed before the strategy's
   teardown, with the offloaded parameters restored on the CPU, where Lightning puts the whole
   module: code after ``trainer.fit()`` sees a normal module, and the device never has to hold
@@ -74,6 +77,7 @@ from hydra_offload.integrations.precision import (
     lift_module_init_context,
     restore_precision,
 )
+from hydra_offload.integrations.strategies import check_strategy
 from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
 from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
@@ -316,6 +320,7 @@ class OffloadCallback(Callback):
         self._wrap_on_load_checkpoint(trainer, pl_module)
         if self.config.resolved_backend == "none":
             return
+        check_strategy(trainer.strategy)
         original = pl_module.configure_model
         if lift_module_init_context(trainer.precision_plugin, pl_module):
             self._lifted = trainer.precision_plugin
