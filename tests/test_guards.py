@@ -201,6 +201,20 @@ def test_a_move_off_the_compute_device_is_refused_in_uva_copy_mode_unchanged(mov
 
 
 @pytest.mark.usefixtures("meta_compute")
+def test_a_move_that_reaches_another_device_is_refused_by_the_device_check():
+    # A move function that can leave the meta compute device (the moves above cannot copy out
+    # of meta and are refused for that): the device it would reach is what refuses it.
+    m = model()
+    offloaded = set(plan_offload(m, UVA_COPY).offloaded_params)
+    rest_on_meta(m, offloaded)
+    with apply_offload(m, UVA_COPY, device="meta", zero_copy=False):
+        before = snapshot(m)
+        with pytest.raises(OffloadError, match="it would go to cpu, off its compute device meta"):
+            m._apply(lambda t: torch.empty_like(t, device="cpu"))
+        assert_same(before, snapshot(m))
+
+
+@pytest.mark.usefixtures("meta_compute")
 def test_a_move_onto_the_compute_device_leaves_uva_copy_weights_in_host_memory():
     m = model()
     expected = {n: p.detach().clone() for n, p in m.named_parameters()}

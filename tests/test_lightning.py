@@ -1161,6 +1161,25 @@ def test_the_callback_pickles_before_and_after_a_stage_as_ddp_spawn_needs():
     assert all_equal(run("predict", module(), again), expected)
 
 
+def test_an_unpickled_callback_sends_its_hyperparameters_to_a_logger_once(tmp_path):
+    # What ddp_spawn's processes get: a callback restored by unpickling, then a stage with a
+    # logger (the weak set of loggers it has told is made again, empty).
+    copy = pickle.loads(pickle.dumps(OffloadCallback(PREFETCH)))
+    sent: list[dict] = []
+
+    class Recording(CSVLogger):
+        def log_hyperparams(self, params, *args, **kwargs):
+            sent.append(params)
+            super().log_hyperparams(params, *args, **kwargs)
+
+    logger = Recording(tmp_path, name="logs", version=0)
+    lit = module(frozen=True)
+    t = trainer(copy, logger=logger)
+    t.fit(lit, tokens(), tokens(samples=4, seed=1))
+    t.test(lit, tokens())
+    assert [p for p in sent if "offload" in p] == [copy.hparams]
+
+
 def test_a_hydra_config_set_without_a_job_writes_nothing_and_runs(tmp_path, monkeypatch):
     # Tests of Hydra apps (lightning-hydra-template's among them) set Hydra's config from a
     # composed one, whose runtime.output_dir is missing: there is no job folder to write to.

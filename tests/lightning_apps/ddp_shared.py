@@ -2,7 +2,7 @@
 frozen layers hold 128 MiB, without offload and with each backend: what the node's processes
 hold in host memory while the stage runs.
 
-    python ddp_shared.py OUT_DIR STAGE OPTION      # STAGE: predict | fit; OPTION: none | prefetch | uva
+    python ddp_shared.py OUT_DIR STAGE OPTION   # predict | fit; none | prefetch | uva
 
 One run per launch, so that no run inherits what another left in the processes. Every rank
 writes ``OUT_DIR/<STAGE>-<OPTION>-rank<R>.pt``: its proportional set size (``Pss`` of
