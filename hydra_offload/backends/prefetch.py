@@ -627,11 +627,13 @@ class PrefetchOffload(StagedOffload):
             self.grads.remove()
             self.grads = None
         if hasattr(self, "pool"):
+            self.runtime.release([t for e in self.pool.slots for s in e for t in s.tensors])
             self.pool.release()
         for ring in self.rings:
             ring.dismantle()
         self.rings = []
         self._params = {}
+        self.runtime.release(self.staged.storage.tensors)
         self.staged.storage.free()
 
 

@@ -274,8 +274,10 @@ class UVAOffload(StagedOffload):
         if self.grads is not None:
             self.grads.remove()
             self.grads = None
+        self.runtime.release(self.staged.storage.tensors)
         self.staged.storage.free()
         if self._grad_storage is not None:
+            self.runtime.release(self._grad_storage.tensors)
             self._grad_storage.free()
             self._grad_storage = None
 

@@ -101,6 +101,12 @@ class DeviceRuntime:
         :class:`HostStorage`), after :meth:`publish`."""
         return HostStorage(layouts, pin_for=self.pin_for, shared=shared, node=node)
 
+    def release(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Called just before the memory of ``tensors`` is given up (host storage freed, the
+        pool released): no copy or kernel may still read or write it, which the caller
+        ensures by synchronizing first. Nothing to do here; the simulated device checks it."""
+        return None
+
     def publish(self, storage: HostStorage, problem: str | None = None) -> None:
         """Share ``storage``'s shared memory with the node's processes
         (:meth:`HostStorage.publish`, a collective)."""

@@ -187,6 +187,7 @@ class HostGradients:
             self.stream.synchronize()
         for storage in (self._storage, self._staging):
             if storage is not None:
+                self.runtime.release(storage.tensors)
                 storage.free()
         self._storage = self._staging = None
         for grad in self._order:

@@ -16,6 +16,9 @@ while keeping the compute on the CPU (so outputs can still be compared bit for b
   sanitizer does: an access to memory that another stream wrote, or a write to memory another
   stream reads, with no event wait (or host synchronization) ordering the two, raises
   :class:`SimulatedDeviceError` at once.
+- **Released memory is not used.** Just before the offload gives memory up (host storage
+  freed, the pool released), every stream's access to it must be known to the host, or a
+  copy still in flight would touch memory a GPU may already have handed out again.
 - **Host memory is not device memory.** Host storage made through the runtime
   (:meth:`SimulatedRuntime.host_storage`) is marked as host memory, and so is whatever is
   computed from host tensors alone; everything else is device memory. An operator mixing the
@@ -230,6 +233,9 @@ class SimulatedRuntime(DeviceRuntime):
         storage.publish(problem)
         self.simulated.mark_host(storage.tensors, pinned=True)
 
+    def release(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.simulated.released(tensors)
+
     def new_stream(self) -> Any:
         return self.simulated.new_stream()
 
@@ -441,6 +447,24 @@ class SimulatedDevice:
                 "an asynchronous copy uses host memory that is not page-locked: on a GPU it "
                 "would run synchronously and the stream ordering would not hold"
             )
+
+    def released(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The memory of ``tensors`` is about to be given up: on a GPU it could be handed out
+        again at once, so every stream's access to it must be known to the host (waited
+        for), or a copy still in flight would write into, or read, someone else's memory.
+
+        Raises:
+            SimulatedDeviceError: a stream may still access it.
+        """
+        if not self.check:
+            return
+        with self._lock:
+            for tensor in tensors:
+                if tensor.dim() and _key(tensor) in self._accesses:
+                    self._check(
+                        tensor, True, None, self._host_knows,
+                        "releasing memory the offload is done with",
+                    )  # fmt: skip
 
     # -- the happens-before checks ------------------------------------------------------------
 
