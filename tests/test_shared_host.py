@@ -151,3 +151,19 @@ def test_under_ddp_the_node_holds_one_copy_and_computes_as_without_offload(
     # (and, with prefetch, each process one layer's slots).
     saved = node_pss(plain) - node_pss(offloaded)
     assert saved >= 0.7 * FROZEN_BYTES, f"the node holds only {saved / MIB:.1f} MiB less"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["prefetch", "uva"])
+def test_cuda_every_process_registers_its_mapping_of_the_shared_memory(tmp_path, backend):
+    result = launch("cuda", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)[backend] for r in (0, 1)]
+    for run in runs:
+        assert run["equal"]
+        assert run["after_remove"]
+        assert run["shared_by"] == 2
+        assert run["host_bytes_shared"] > 0
+        assert run["registered"]  # cudaPointerGetAttributes: registered host memory
+        assert run["pinned_is_all"]
+    assert runs[0]["inodes"] == runs[1]["inodes"] != []

@@ -10,6 +10,9 @@ Scenarios:
   with ``share_host_memory=false``; then plans that differ between ranks, and a rank that is
   refused before the meeting. Each rank writes ``OUT_DIR/rank<R>.pt``: outputs, stats, the
   inodes of the shared mappings (``/proc/self/maps``), and the errors raised.
+- ``cuda``: the same on one GPU (both processes compute on ``cuda:0``): every process has
+  registered its own mapping of the shared memory (``cudaPointerGetAttributes``), and UVA's
+  zero-copy views and prefetch's copies read it.
 - ``kill-setup`` / ``kill-run``: rank 1 kills itself with SIGKILL while the shared memory is
   being handed over (it has been created and filled, not yet mapped by rank 1), or after the
   offload is applied, during a forward. The launcher then ends the other ranks.
@@ -113,6 +116,34 @@ def checks(rank: int, out: Path) -> dict:
     return results
 
 
+def on_cuda(rank: int) -> dict:
+    from hydra_offload.runtime import cudart
+
+    runtime = cudart.get_runtime()
+    results: dict = {}
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).cuda()
+    for name, config in (("prefetch", PREFETCH), ("uva", UVA)):
+        model = frozen_stack().cuda()
+        expected = model(x)
+        with apply_offload(model, config, process_group=dist.group.WORLD) as handle:
+            stats = handle.stats
+            registered = []
+            for entry in handle._installed.staged.params:
+                for host in entry.hosts:
+                    err, attributes = runtime.pointer_attributes(host.data_ptr())
+                    registered.append(err == 0 and attributes.type == cudart.MEMORY_HOST)
+            results[name] = {
+                "equal": torch.equal(model(x), expected),
+                "shared_by": handle.shared_by,
+                "host_bytes_shared": stats.host_bytes_shared,
+                "pinned_is_all": stats.host_bytes_pinned == stats.host_bytes,
+                "registered": all(registered) and bool(registered),
+                "inodes": shared_inodes(),
+            }
+        results[name]["after_remove"] = torch.equal(model(x), expected)
+    return results
+
+
 def kill(rank: int, when: str) -> None:
     model = frozen_stack()
     if rank == 1 and when == "setup":
@@ -138,8 +169,8 @@ def worker(index: int, scenario: str, out: str, world: int, port: int) -> None:
     )  # fmt: skip
     dist.init_process_group("gloo", rank=index, world_size=world)
     try:
-        if scenario == "checks":
-            results = checks(index, Path(out))
+        if scenario in ("checks", "cuda"):
+            results = checks(index, Path(out)) if scenario == "checks" else on_cuda(index)
             torch.save(results, Path(out) / f"rank{index}.pt")
         else:
             kill(index, scenario.removeprefix("kill-"))
@@ -147,7 +178,7 @@ def worker(index: int, scenario: str, out: str, world: int, port: int) -> None:
         traceback.print_exc()
         raise
     finally:
-        if scenario == "checks":
+        if scenario in ("checks", "cuda"):
             dist.barrier()
             dist.destroy_process_group()
 
