@@ -14,6 +14,7 @@ with SIGKILL while the memory is handed over, or while it runs, leaves nothing i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_offload.runtime.shared import can_share
+from hydra_offload.runtime.shared import SharedSegment, can_share
 
 APP = Path(__file__).parent / "lightning_apps" / "shared_host.py"
 
@@ -85,6 +86,70 @@ def test_a_process_refused_before_the_meeting_stops_every_process(ranks):
     assert other.startswith("OffloadError: process 1 of the group cannot offload, so none does")
     # No process was left waiting in a collective: both offload together afterwards.
     assert [rank["after_refusals"] for rank in ranks] == [2, 2]
+
+
+@pytest.mark.slow
+def test_the_processes_of_each_node_share_their_own_copy(tmp_path):
+    result = launch("two-nodes", str(tmp_path), "4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    assert all(rank["equal"] and rank["shared_by"] == 2 for rank in ranks)
+    assert ranks[0]["inodes"] == ranks[1]["inodes"] != []
+    assert ranks[2]["inodes"] == ranks[3]["inodes"] != []
+    assert ranks[0]["inodes"] != ranks[2]["inodes"]
+
+
+ROOT_UNSHARE = os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ROOT_UNSHARE, reason="needs root and unshare to mount a small /dev/shm")
+def test_a_dev_shm_smaller_than_the_shared_copy_does_not_limit_it(tmp_path):
+    # A container's /dev/shm is 64 MB by default; the shared memory does not live there.
+    # Here /dev/shm is 1 MiB (in a mount namespace of the test's own), below the 1.5 MiB
+    # the UVA run shares.
+    script = (
+        "mount -t tmpfs -o size=1m tmpfs /dev/shm && "
+        f"{sys.executable} {APP} checks {tmp_path}"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:
+        run = rank["uva-True"]
+        assert run["equal"]
+        assert run["shared_by"] == 2
+        assert run["host_bytes_shared"] > 2**20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_another_user_cannot_open_the_shared_memory(tmp_path):
+    segment = SharedSegment.create(4096)
+    code = (  # imports first: the other user may not read this Python's files
+        "import os\n"
+        "from hydra_offload.runtime.shared import SharedSegment\n"
+        "from hydra_offload.errors import OffloadError\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        f"    SharedSegment.attach({os.getpid()}, {segment.fd}, 4096)\n"
+        "except OffloadError as err:\n"
+        "    print('refused:', err)\n"
+        "else:\n"
+        "    print('opened')\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+            cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        segment.close()
+    assert result.stdout.startswith("refused: could not map the node's shared host memory"), (
+        result.stdout + result.stderr
+    )
 
 
 @pytest.mark.slow

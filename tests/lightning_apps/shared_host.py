@@ -13,6 +13,8 @@ Scenarios:
 - ``cuda``: the same on one GPU (both processes compute on ``cuda:0``): every process has
   registered its own mapping of the shared memory (``cudaPointerGetAttributes``), and UVA's
   zero-copy views and prefetch's copies read it.
+- ``two-nodes``: four processes on this machine, told that ranks 0 and 1 run on one node and
+  2 and 3 on another: each node shares one copy, the nodes none.
 - ``kill-setup`` / ``kill-run``: rank 1 kills itself with SIGKILL while the shared memory is
   being handed over (it has been created and filled, not yet mapped by rank 1), or after the
   offload is applied, during a forward. The launcher then ends the other ranks.
@@ -144,6 +146,20 @@ def on_cuda(rank: int) -> dict:
     return results
 
 
+def two_nodes(rank: int) -> dict:
+    # Ranks 0, 1 on one node, 2, 3 on another (one machine, told otherwise).
+    shared._node_key = lambda: f"node{rank // 2}"  # type: ignore[assignment]
+    model = frozen_stack()
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
+    expected = model(x)
+    with apply_offload(model, PREFETCH, process_group=dist.group.WORLD) as handle:
+        return {
+            "equal": torch.equal(model(x), expected),
+            "shared_by": handle.shared_by,
+            "inodes": shared_inodes(),
+        }
+
+
 def kill(rank: int, when: str) -> None:
     model = frozen_stack()
     if rank == 1 and when == "setup":
@@ -169,16 +185,17 @@ def worker(index: int, scenario: str, out: str, world: int, port: int) -> None:
     )  # fmt: skip
     dist.init_process_group("gloo", rank=index, world_size=world)
     try:
-        if scenario in ("checks", "cuda"):
-            results = checks(index, Path(out)) if scenario == "checks" else on_cuda(index)
-            torch.save(results, Path(out) / f"rank{index}.pt")
+        if scenario in ("checks", "cuda", "two-nodes"):
+            run = {"checks": lambda: checks(index, Path(out)), "cuda": lambda: on_cuda(index),
+                   "two-nodes": lambda: two_nodes(index)}[scenario]  # fmt: skip
+            torch.save(run(), Path(out) / f"rank{index}.pt")
         else:
             kill(index, scenario.removeprefix("kill-"))
     except Exception:
         traceback.print_exc()
         raise
     finally:
-        if scenario in ("checks", "cuda"):
+        if scenario in ("checks", "cuda", "two-nodes"):
             dist.barrier()
             dist.destroy_process_group()
 
