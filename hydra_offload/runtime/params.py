@@ -84,7 +84,9 @@ def stage_to_host(
     With ``node`` (the processes of this node, :func:`~hydra_offload.runtime.shared.join_node`),
     the frozen parameters' values go to memory the node's processes share: the node's leader
     fills it, the others map it (a collective of the process group: every process of it
-    calls this, with the same parameters); trainable ones stay in each process's own memory.
+    calls this, with the same parameters); trainable ones, and weights a process may rewrite
+    (a bitsandbytes 4-bit layer that may be repacked for the CPU), stay in each process's own
+    memory.
 
     Raises:
         RuntimeError: host memory could not be allocated or page-locked (nothing is kept).
@@ -94,7 +96,10 @@ def stage_to_host(
         params = dict(model.named_parameters())
     adapters = [adapter_for(model, name, params[name], device=runtime.device) for name in names]
     counts = [len(adapter.layouts()) for adapter in adapters]
-    shares = [node is not None and not params[name].requires_grad for name in names]
+    shares = [
+        node is not None and not params[name].requires_grad and adapter.shareable
+        for name, adapter in zip(names, adapters, strict=True)
+    ]
     layouts = [layout for adapter in adapters for layout in adapter.layouts()]
     marks = [share for share, count in zip(shares, counts, strict=True) for _ in range(count)]
     try:

@@ -124,6 +124,13 @@ class WeightAdapter(abc.ABC):
         """Bytes of the parts."""
         return layouts_nbytes(self.layouts())
 
+    @property
+    def shareable(self) -> bool:
+        """Whether the processes of a node may share one host copy of these weights (when
+        frozen): not when this process may rewrite them (see
+        :mod:`hydra_offload.runtime.shared`)."""
+        return True
+
     @abc.abstractmethod
     def write_to(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copy the parameter's current values into ``tensors`` (of :meth:`layouts`)."""

@@ -211,6 +211,12 @@ class Bnb4bit(WeightAdapter):
             offset = _align(offset + count * dtype.itemsize)
         return offset
 
+    @property
+    def shareable(self) -> bool:
+        """Not while the layer may be repacked for the CPU: each process rewrites its host
+        copy then, at its own first inference forward."""
+        return not self._can_pack()
+
     def layouts(self) -> tuple[Layout, ...]:
         weight = self.param.data
         return (
