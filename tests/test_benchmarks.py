@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from hydra_offload.runtime.shared import can_share
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -132,6 +134,53 @@ def test_offload_bench_times_fit_steps_with_identical_losses(tmp_path):
             assert row["skipped"].startswith("inference only")
         else:
             assert row["max_abs_diff"] == 0.0, row["name"]  # the same losses, step for step
+
+
+OPTIONS = ("off", "per-rank", "shared")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (can_share() and Path("/proc/self/smaps_rollup").exists()),
+    reason="needs Linux memfd_create, /proc and smaps_rollup",
+)
+def test_shared_host_bench_reports_one_copy_per_node(tmp_path):
+    # 1 and 2 ranks, 4 MiB: about 20 s on 2 cores (six launches of fresh processes).
+    _run("shared_host_bench.py", "--ranks", "1", "2", "--mib", "4", "--forwards", "2",
+         "--out", tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "shared_host-cpu.json").read_text())
+    assert report["torch"]
+    assert report["date"]
+    assert report["machine"]["cpus"]
+    assert report["command"].startswith("python benchmarks/shared_host_bench.py --ranks 1 2")
+    markdown = (tmp_path / "shared_host-cpu.md").read_text()
+    assert "| ranks | option | node Pss MiB | expected MiB | saving vs off MiB |" in markdown
+    assert (tmp_path / "shared_host-cpu.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {(row["ranks"], row["option"]): row for row in report["rows"]}
+    assert list(rows) == [(ranks, option) for ranks in (1, 2) for option in OPTIONS]
+    weights = report["model"]["offloaded_bytes"]
+    for (ranks, option), row in rows.items():
+        assert row["outputs_equal"], (ranks, option)
+        assert len(row["per_rank"]) == ranks
+        assert [r["rank"] for r in row["per_rank"]] == list(range(ranks))
+        assert len({r["pid"] for r in row["per_rank"]}) == ranks
+        assert row["node_pss_bytes"] == max(row["node_pss_readings_bytes"]) > 0
+        assert row["expected_node_bytes"] > 0
+        if option == "off":
+            assert row["setup_s_median"] is None
+            assert row["shared_by"] == 1
+            continue
+        assert 0 < row["setup_s_median"] <= row["setup_s_max"]
+        assert row["offloaded_bytes"] == weights > 0
+        shared = option == "shared" and ranks == 2  # one process shares with nobody
+        assert row["shared_by"] == (2 if shared else 1), (ranks, option)
+        for rank in row["per_rank"]:
+            assert rank["host_bytes_shared"] == (rank["host_bytes"] if shared else 0)
+            assert rank["host_bytes"] >= weights
+    # Memory, loosely (4 MiB is close to the noise between launches): measured in the same
+    # processes, the node gains less over the setup with one shared copy than with a copy each.
+    change = {option: rows[(2, option)]["node_pss_change_bytes"] for option in OPTIONS[1:]}
+    assert change["shared"] < change["per-rank"], change
 
 
 # --- benchmarks/gpu_check.sh: the GPU check's plumbing, in its CPU dry run ----------------------

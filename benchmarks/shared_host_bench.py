@@ -1,0 +1,490 @@
+"""One host copy per node: what the data-parallel processes of one node hold in host memory.
+
+    python benchmarks/shared_host_bench.py                         # 1, 2, 4 ranks; 128 MiB; UVA
+    python benchmarks/shared_host_bench.py --backend prefetch      # prefetch, one layer a slot
+    python benchmarks/shared_host_bench.py --ranks 2 8 --mib 512 --forwards 10
+
+On this machine, for every rank count of ``--ranks`` and every option, a fresh set of
+processes starts as ``torchrun`` would start them (gloo on the CPU; ``MASTER_ADDR``,
+``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` in the
+environment), so that no measurement inherits what an earlier one left in a process. The
+options:
+
+- ``off``: no offload; every rank holds its own weights;
+- ``per-rank``: ``apply_offload(..., process_group=WORLD)`` with ``share_host_memory: False``:
+  every rank keeps its own host copy of the offloaded weights;
+- ``shared``: the same with sharing on (the default): the node's first rank fills one copy
+  in shared memory and the others map it.
+
+The model: a stack of frozen ``nn.Linear`` layers (``--mib`` MiB of fp32 weights and biases
+over ``--layers`` layers; by default 32 layers of 1024 x 1024, 128 MiB), all offloaded, and a
+small head (``Linear(width, 8)``) that is not. Every rank builds it from the same seed,
+computes the reference output without offload, meets the others at a barrier, times
+``apply_offload`` (the setup; nothing for ``off``), then runs ``--forwards`` forwards,
+reading its proportional set size (``Pss`` of ``/proc/self/smaps_rollup``: a page that ``n``
+processes map counts ``1/n`` in each) after each one, all ranks together (between two
+barriers: a rank's Pss counts a shared page only once the rank has touched it, so readings
+taken at different moments would not add up), and checks every output equals the reference
+(``torch.equal``). Rank 0 gathers the figures (``all_gather_object``).
+
+Per (ranks, option): the node's host memory, the SUM of the ranks' Pss after a forward (pages
+the ranks share count once for the node; the largest such sum over the forwards); the saving
+against ``off``; the expected figure; the change over the setup (the node's Pss less the
+ranks' Pss once the model was built, before ``apply_offload``: measured in the same processes,
+so their start-up noise, a few MiB a process, cancels out); the median and largest setup time
+across ranks; ``stats.host_bytes_shared`` and ``stats.shared_by``; whether the outputs equal
+the reference. The expected figure comes from the ``off`` run of the same rank count: each
+rank's Pss less its weights is its non-offloaded part, so
+
+    per-rank: sum of the off ranks' Pss + ranks x pool      (every rank its own copy)
+    shared:   that - (ranks - 1) x offloaded bytes          (one copy for the node)
+
+(``pool``: a rank's prefetch slots, ``stats.pool_bytes``; 0 with UVA). One rank shares with
+nobody: its ``shared`` row is a process of its own, ``shared_by`` 1.
+
+The launcher process is not counted; it imports torch too, so the ranks' Pss of the library
+pages is a share of them, alike in every option of a rank count.
+
+Writes ``benchmarks/results/shared_host-cpu.json`` (every figure, every rank's readings, the
+machine, torch version, date and command), ``.md`` (the table) and ``.png`` (the node's Pss
+against the rank count, one line per option) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from hydra_offload import apply_offload
+
+RESULTS = Path(__file__).parent / "results"
+MIB = 2**20
+OPTIONS = ("off", "per-rank", "shared")
+OPTION_TITLES = {
+    "off": "off (no offload)",
+    "per-rank": "per-rank copies",
+    "shared": "shared copy",
+}
+BACKENDS = {
+    # Every layer's weights in host memory, read in place.
+    "uva": {"uva": {"cpu_offload_gb": 1.0e6, "cpu_offload_params": ["layers"]}},
+    # Every layer offloaded, one layer's slots on the compute device (here the CPU).
+    "prefetch": {"prefetch": {"offload_group_size": 1}, "layers": "layers"},
+}
+SEED = 0
+BATCH = 4
+
+
+class FrozenStack(nn.Module):
+    """``depth`` frozen ``Linear(width, width)`` layers (offloaded) and a small head (not)."""
+
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.layers.requires_grad_(False)
+        self.head = nn.Linear(width, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def shape_for(mib: float, depth: int) -> tuple[int, int]:
+    """``(width, depth)``: ``depth`` square fp32 layers holding about ``mib`` MiB."""
+    width = max(8, round(math.sqrt(mib * MIB / 4 / depth)))
+    return width, depth
+
+
+def layer_bytes(width: int, depth: int) -> int:
+    """The offloaded bytes: every layer's fp32 weight and bias."""
+    return depth * (width * width + width) * 4
+
+
+def pss_bytes() -> int:
+    """This process's proportional set size (``Pss`` of ``/proc/self/smaps_rollup``)."""
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+
+
+def config_for(backend: str, option: str) -> dict[str, Any] | None:
+    if option == "off":
+        return None
+    return {**BACKENDS[backend], "share_host_memory": option == "shared"}
+
+
+def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """One rank's figures for one option (the process group is up)."""
+    torch.set_num_threads(1)
+    pss_bare = pss_bytes()
+    torch.manual_seed(SEED)
+    model = FrozenStack(spec["width"], spec["depth"]).eval()
+    x = torch.randn(BATCH, spec["width"], generator=torch.Generator().manual_seed(SEED + 1))
+    with torch.no_grad():
+        expected = model(x)
+    pss_built = pss_bytes()
+    config = config_for(spec["backend"], spec["option"])
+    dist.barrier()
+    start = time.perf_counter()
+    handle = apply_offload(model, config, process_group=dist.group.WORLD) if config else None
+    setup_s = time.perf_counter() - start if config else None
+    equal = True
+    readings = []
+    with torch.no_grad():
+        for _ in range(spec["forwards"]):
+            equal = torch.equal(model(x), expected) and equal
+            # Every rank reads after the same forward: a page counts in a rank's Pss once the
+            # rank has touched it, so the ranks' readings add up only when taken together.
+            dist.barrier()
+            readings.append(pss_bytes())
+            dist.barrier()
+    result: dict[str, Any] = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "pss_bare_bytes": pss_bare,
+        "pss_built_bytes": pss_built,
+        "pss_readings_bytes": readings,
+        "pss_max_bytes": max(readings),
+        "setup_s": setup_s,
+        "outputs_equal": equal,
+    }
+    if handle is not None:
+        stats = handle.stats
+        result.update(
+            offloaded_bytes=stats.offloaded_bytes,
+            host_bytes=stats.host_bytes,
+            host_bytes_shared=stats.host_bytes_shared,
+            shared_by=stats.shared_by,
+            pool_bytes=stats.pool_bytes,
+        )
+        dist.barrier()  # every rank has read its memory before any lets go of the weights
+        handle.remove()
+    return result
+
+
+def worker(index: int, spec: dict[str, Any], port: int, out: str) -> None:
+    world = spec["ranks"]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index),
+        WORLD_SIZE=str(world), LOCAL_RANK=str(index), LOCAL_WORLD_SIZE=str(world),
+    )  # fmt: skip
+    dist.init_process_group("gloo", rank=index, world_size=world)
+    try:
+        mine = measure(index, spec)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        if index == 0:
+            Path(out).write_text(json.dumps(gathered))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """Start ``spec["ranks"]`` fresh processes for one option; their figures, and the
+    launch's wall seconds."""
+    with tempfile.TemporaryDirectory(prefix="shared_host_bench-") as tmp:
+        out = Path(tmp) / "ranks.json"
+        start = time.perf_counter()
+        mp.start_processes(
+            worker, args=(spec, free_port(), str(out)), nprocs=spec["ranks"],
+            start_method="spawn",
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        return json.loads(out.read_text()), wall
+
+
+def _same(values: list[Any]) -> Any:
+    """The value every rank reported, or the list when they differ."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def summarize(
+    ranks: int, option: str, per_rank: list[dict[str, Any]], wall: float, weights: int
+) -> dict[str, Any]:
+    setups = [r["setup_s"] for r in per_rank if r["setup_s"] is not None]
+    readings = [r["pss_readings_bytes"] for r in per_rank]
+    row: dict[str, Any] = {
+        "ranks": ranks,
+        "option": option,
+        # The node after each forward (the ranks read together), and the largest of those.
+        "node_pss_readings_bytes": [sum(step) for step in zip(*readings, strict=True)],
+        "node_pss_bytes": max(sum(step) for step in zip(*readings, strict=True)),
+        "node_pss_built_bytes": sum(r["pss_built_bytes"] for r in per_rank),
+        "setup_s_median": statistics.median(setups) if setups else None,
+        "setup_s_max": max(setups) if setups else None,
+        "outputs_equal": all(r["outputs_equal"] for r in per_rank),
+        "offloaded_bytes": _same([r.get("offloaded_bytes", 0) for r in per_rank]),
+        "host_bytes_shared": _same([r.get("host_bytes_shared", 0) for r in per_rank]),
+        "shared_by": _same([r.get("shared_by", 1) for r in per_rank]),
+        "pool_bytes": _same([r.get("pool_bytes", 0) for r in per_rank]),
+        "launch_wall_s": wall,
+        "per_rank": per_rank,
+    }
+    # What the offload changed, in the same processes (their start-up noise cancels out).
+    row["node_pss_change_bytes"] = row["node_pss_bytes"] - row["node_pss_built_bytes"]
+    if option == "off":
+        # Each rank's own part: its Pss less its weights.
+        row["non_offloaded_bytes"] = [r["pss_max_bytes"] - weights for r in per_rank]
+    return row
+
+
+def finish_rows(rows: list[dict[str, Any]], weights: int) -> None:
+    """Saving against ``off`` and the expected figure, per rank count."""
+    off = {row["ranks"]: row for row in rows if row["option"] == "off"}
+    for row in rows:
+        base = off.get(row["ranks"])
+        if base is None:
+            row["saved_vs_off_bytes"] = row["expected_node_bytes"] = None
+            continue
+        row["saved_vs_off_bytes"] = base["node_pss_bytes"] - row["node_pss_bytes"]
+        row["saved_vs_off_fraction"] = row["saved_vs_off_bytes"] / base["node_pss_bytes"]
+        pool = row["pool_bytes"] if isinstance(row["pool_bytes"], int) else 0
+        expected = base["node_pss_bytes"] + row["ranks"] * pool
+        if row["option"] == "shared" and row["shared_by"] == row["ranks"] > 1:
+            expected -= (row["ranks"] - 1) * weights
+        row["expected_node_bytes"] = expected
+        row["vs_expected_bytes"] = row["node_pss_bytes"] - expected
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:.1f}"
+
+
+def _saving(row: dict[str, Any]) -> str:
+    if row["saved_vs_off_bytes"] is None or row["option"] == "off":
+        return "-"
+    return f"{row['saved_vs_off_bytes'] / MIB:.1f} ({100 * row['saved_vs_off_fraction']:.0f} %)"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+COLUMNS = [
+    ("ranks", lambda r: str(r["ranks"])),
+    ("option", lambda r: OPTION_TITLES[r["option"]]),
+    ("node Pss MiB", lambda r: _mib(r["node_pss_bytes"])),
+    ("expected MiB", lambda r: _mib(r["expected_node_bytes"])),
+    ("saving vs off MiB", _saving),
+    ("change over setup MiB", lambda r: _mib(r["node_pss_change_bytes"])),
+    ("setup s (median)", lambda r: _seconds(r["setup_s_median"])),
+    ("setup s (max)", lambda r: _seconds(r["setup_s_max"])),
+    ("host bytes shared", lambda r: f"{r['host_bytes_shared']:,}" if r["option"] != "off"
+     else "-"),
+    ("shared by", lambda r: str(r["shared_by"]) if r["option"] != "off" else "-"),
+    ("outputs equal", lambda r: "yes" if r["outputs_equal"] else "NO"),
+]  # fmt: skip
+
+
+def describe(report: dict[str, Any]) -> str:
+    model = report["model"]
+    return (
+        f"{model['depth']} frozen Linear({model['width']}, {model['width']}) layers, "
+        f"{model['offloaded_bytes'] / MIB:.1f} MiB fp32, offloaded with "
+        f"{report['backend']}; a head Linear({model['width']}, 8) not offloaded; "
+        f"{report['forwards']} forwards of a {BATCH} x {model['width']} batch per rank"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [
+        f"# One host copy per node: {machine['processor']}, {machine['cpus']} CPUs",
+        "",
+        f"{report['date']}, torch {report['torch']}, Python {report['python']}, "
+        f"{machine['system']}; `{report['command']}`.",
+        "",
+        f"{describe(report)}. Each (ranks, option) in fresh processes (gloo on the CPU). "
+        "Node Pss: the sum over the ranks of their Pss, read together after each forward "
+        "(shared pages count once for the node); the largest over the forwards. "
+        "Expected: the `off` run's node Pss, less "
+        "(ranks - 1) copies of the offloaded weights when they are shared, plus each rank's "
+        "prefetch slots. Change over setup: the node Pss less the ranks' Pss once the model "
+        "was built, before the offload (in the same processes: their start-up noise cancels "
+        "out).",
+        "",
+        "| " + " | ".join(title for title, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in report["rows"]:
+        lines.append("| " + " | ".join(cell(row) for _, cell in COLUMNS) + " |")
+    lines += ["", f"Total wall time {report['wall_s']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(report: dict[str, Any]) -> Table:
+    offloaded = report["model"]["offloaded_bytes"] / MIB
+    table = Table(
+        title=f"One host copy per node ({report['backend']}, {offloaded:.0f} MiB offloaded)"
+    )
+    for index, (title, _) in enumerate(COLUMNS):
+        table.add_column(title, justify="left" if index == 1 else "right")
+    previous = None
+    for row in report["rows"]:
+        if previous is not None and row["ranks"] != previous:
+            table.add_section()
+        previous = row["ranks"]
+        table.add_row(*(cell(row) for _, cell in COLUMNS))
+    return table
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for option in OPTIONS:
+        rows = [r for r in report["rows"] if r["option"] == option]
+        if not rows:
+            continue
+        ax.plot([r["ranks"] for r in rows], [r["node_pss_bytes"] / MIB for r in rows],
+                marker="o", label=OPTION_TITLES[option])  # fmt: skip
+    expected = [r for r in report["rows"]
+                if r["option"] == "shared" and r["expected_node_bytes"] is not None]  # fmt: skip
+    if expected:
+        ax.plot([r["ranks"] for r in expected],
+                [r["expected_node_bytes"] / MIB for r in expected],
+                linestyle="--", color="grey", label="expected, shared copy")  # fmt: skip
+    ax.set_xticks(sorted({r["ranks"] for r in report["rows"]}))
+    ax.set_xlabel("ranks on the node")
+    ax.set_ylabel("node host memory: sum of the ranks' Pss (MiB)")
+    ax.set_title(f"{report['model']['offloaded_bytes'] / MIB:.0f} MiB offloaded "
+                 f"({report['backend']}), {report['machine']['processor']}")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    memory = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    memory = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "processor": platform.processor() or platform.machine() or "cpu",
+        "system": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_bytes": memory,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        help="rank counts, each a fresh set of processes (default: 1 2 4)",
+    )
+    parser.add_argument(
+        "--mib", type=float, default=128.0, help="MiB of frozen offloaded weights (default: 128)"
+    )
+    parser.add_argument("--layers", type=int, default=32, help="offloaded layers (default: 32)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="uva")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        choices=OPTIONS,
+        default=list(OPTIONS),
+        help="which options to run (default: all three)",
+    )
+    parser.add_argument(
+        "--forwards",
+        type=int,
+        default=3,
+        help="forwards per rank, Pss read after each (default: 3)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if min(args.ranks) < 1 or args.forwards < 1 or args.layers < 1 or args.mib <= 0:
+        parser.error("--ranks, --forwards, --layers and --mib must be positive")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the ranks share the cores
+    width, depth = shape_for(args.mib, args.layers)
+    weights = layer_bytes(width, depth)
+    console = Console(width=200) if not sys.stdout.isatty() else Console()
+    console.print(f"{depth} layers of {width} x {width} ({weights / MIB:.1f} MiB), "
+                  f"{args.backend}, ranks {args.ranks}, options {args.options}")  # fmt: skip
+
+    started = time.perf_counter()
+    rows = []
+    for ranks in args.ranks:
+        for option in OPTIONS:
+            if option not in args.options:
+                continue
+            spec = {"ranks": ranks, "option": option, "backend": args.backend,
+                    "width": width, "depth": depth, "forwards": args.forwards}  # fmt: skip
+            per_rank, wall = launch(spec)
+            rows.append(summarize(ranks, option, per_rank, wall, weights))
+            console.print(f"{ranks} rank(s), {option}: node Pss "
+                          f"{rows[-1]['node_pss_bytes'] / MIB:.1f} MiB ({wall:.1f} s)")  # fmt: skip
+    finish_rows(rows, weights)
+
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(
+            ["python", "benchmarks/shared_host_bench.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "backend": args.backend,
+        "config": BACKENDS[args.backend],
+        "forwards": args.forwards,
+        "model": {
+            "width": width,
+            "depth": depth,
+            "offloaded_bytes": weights,
+            "head": f"Linear({width}, 8), not offloaded",
+        },
+        "rows": rows,
+        "wall_s": time.perf_counter() - started,
+    }
+    console.print(rich_table(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "shared_host-cpu"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    console.print(f"wrote {stem}.json, .md, .png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
