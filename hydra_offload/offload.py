@@ -190,6 +190,7 @@ class OffloadHandle:
         self._pickling.remove()
         self._installed.remove(torch.device(device) if device is not None else None)
         self._installed = None
+        release_freed_memory()  # host storage's small blocks, which glibc would keep
         model = self._model_ref()
         if model is not None:
             for module in model.modules():
@@ -339,10 +340,10 @@ def apply_offload(
         after = runtime.memory_allocated()
         if on_device and before is not None and after is not None:
             saved = before - after
-        if installed.host_bytes_shared:
-            # This process's own copy of the shared weights is free now: give it back to the
-            # operating system, which glibc would otherwise keep in the heap.
-            release_freed_memory()
+        # The parameters' own memory is free now (this process's copy of shared weights, or
+        # weights that started in host memory): give it back to the operating system, which
+        # glibc would otherwise keep in its heap for blocks below its mmap threshold.
+        release_freed_memory()
     shared_by = node.size if node is not None else 1
     handle = OffloadHandle(model, plan, runtime, installed, counters, saved, shared_by)
     for module in model.modules():

@@ -18,8 +18,12 @@ import contextlib
 import doctest
 import gc
 import io
+import os
+import subprocess
+import sys
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -941,3 +945,43 @@ def test_gradient_accumulation_takes_a_second_gradients_worth_of_host_memory(nod
     assert grads >= counted(model, PREFETCH)[1] > 0
     assert staging == grads  # the staging buffer has the gradients' layouts
     assert held[3] == held[2]  # allocated once
+
+
+TRIM_SCRIPT = """
+import torch
+from torch import nn
+from hydra_offload import apply_offload
+
+def pss():
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+
+torch.manual_seed(0)
+# A large block freed raises glibc's mmap threshold above it (as a process's earlier work
+# does): the 32 weights of 512 KiB below then come from its heap, which keeps them when freed.
+scratch = torch.ones(4 << 20, dtype=torch.uint8)
+del scratch
+model = nn.Sequential(*(nn.Linear(256, 512, bias=False) for _ in range(32)))
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+before = pss()
+handle = apply_offload(model, {"uva": {"cpu_offload_gb": 1.0}})
+print((pss() - before) / weights)
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc smaps_rollup"
+)
+def test_offloading_weights_that_start_in_host_memory_does_not_keep_a_second_copy():
+    # The offload copies the weights into host storage and frees the originals; the process
+    # then holds one copy, not two: what glibc kept of the freed blocks goes back to the
+    # system (with its default settings, no MALLOC_* variable).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run(
+        [sys.executable, "-c", TRIM_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    growth = float(result.stdout.strip())
+    assert growth < 0.5, f"the process grew by {growth:.2f} x the offloaded weights"
