@@ -75,6 +75,7 @@ from rich.table import Table
 from torch import nn
 
 from hydra_offload import apply_offload
+from hydra_offload.runtime.host import proc_bytes
 
 RESULTS = Path(__file__).parent / "results"
 MIB = 2**20
@@ -122,11 +123,10 @@ def layer_bytes(width: int, depth: int) -> int:
 
 def pss_bytes() -> int:
     """This process's proportional set size (``Pss`` of ``/proc/self/smaps_rollup``)."""
-    with open("/proc/self/smaps_rollup") as rollup:
-        for line in rollup:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+    pss = proc_bytes("/proc/self/smaps_rollup", "Pss")
+    if pss is None:
+        raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+    return pss
 
 
 def config_for(backend: str, option: str) -> dict[str, Any] | None:

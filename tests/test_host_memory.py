@@ -951,12 +951,10 @@ TRIM_SCRIPT = """
 import torch
 from torch import nn
 from hydra_offload import apply_offload
+from hydra_offload.runtime.host import proc_bytes
 
 def pss():
-    with open("/proc/self/smaps_rollup") as rollup:
-        for line in rollup:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
+    return proc_bytes("/proc/self/smaps_rollup", "Pss")
 
 torch.manual_seed(0)
 # A large block freed raises glibc's mmap threshold above it (as a process's earlier work

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hydra_offload import OffloadCallback
+from hydra_offload.runtime.host import proc_bytes
 
 WIDTH, DEPTH = 1024, 32  # 32 layers of 4 MiB (and a bias): 128 MiB of frozen weights
 OPTIONS = {
@@ -65,11 +66,11 @@ class FrozenStack(LightningModule):
 
 
 def pss_bytes() -> int:
-    with open("/proc/self/smaps_rollup") as rollup:
-        for line in rollup:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+    """This process's proportional set size (``Pss`` of ``/proc/self/smaps_rollup``)."""
+    pss = proc_bytes("/proc/self/smaps_rollup", "Pss")
+    if pss is None:
+        raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+    return pss
 
 
 class Memory(Callback):
