@@ -107,10 +107,7 @@ class OffloadHandle:
             staged.params if staged is not None else [],
             [*installed.hooks, *self._root_hooks],
             runtime,
-            [
-                *(self._guard.patches if self._guard is not None else []),
-                *((patch.module, patch.value) for patch in installed.patches),
-            ],
+            [*(self._guard.patches if self._guard is not None else []), *installed.patches],
         )
 
     def _enter_forward(self, module: nn.Module, args: Any) -> None:

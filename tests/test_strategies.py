@@ -72,9 +72,11 @@ def test_the_callback_refuses_at_setup_before_anything_is_built(monkeypatch):
     assert [p.data_ptr() for p in module.parameters()] == before
 
 
-def test_with_offload_none_nothing_is_checked():
+def test_with_offload_none_nothing_is_checked(monkeypatch):
+    # The same FSDP-reading Trainer as above: with nothing to offload, setup says nothing.
     callback = OffloadCallback({})
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    monkeypatch.setattr(type(trainer), "strategy", property(lambda self: FSDPStrategy()))
     callback.setup(trainer, LitDecoderLM(DecoderLM(num_layers=2)), "predict")
 
 

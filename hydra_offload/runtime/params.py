@@ -35,7 +35,7 @@ from hydra_offload.errors import OffloadError
 from hydra_offload.runtime.device import DeviceRuntime
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.shared import NodeGroup, exchange
-from hydra_offload.weights import WeightAdapter, adapter_for
+from hydra_offload.weights import ModulePatch, WeightAdapter, adapter_for
 
 __all__ = [
     "MoveGuard",
@@ -175,14 +175,13 @@ class MoveGuard:
         """``compute``: the device the offload serves the parameters on (whatever ``.data``
         points at between forwards: a pool slot, a zero-copy view, host memory)."""
         offloaded = {id(e.param): e for e in params}
-        self.patches: list[tuple[nn.Module, Any]] = []
-        """``(module, patch)``: the ``_apply`` each patched module has as its own attribute."""
+        self.patches: list[ModulePatch] = []
+        """The ``_apply`` each patched module has as its own attribute."""
         for module in model.modules():
             below = [offloaded[id(p)] for p in module.parameters() if id(p) in offloaded]
             if below:
                 patch = partial(self._apply, below, compute, module._apply)
-                module._apply = patch  # type: ignore[method-assign]
-                self.patches.append((module, patch))
+                self.patches.append(ModulePatch(module, "_apply", patch))
 
     @staticmethod
     def _apply(
@@ -238,9 +237,8 @@ class MoveGuard:
                 module._parameters[key] = param
 
     def remove(self) -> None:
-        for module, patch in self.patches:
-            if module.__dict__.get("_apply") is patch:
-                del module.__dict__["_apply"]
+        for patch in self.patches:
+            patch.remove()
         self.patches = []
 
 
@@ -330,7 +328,7 @@ class PickleGuard:
         params: Sequence[OffloadedParam],
         hooks: Sequence[RemovableHandle],
         runtime: DeviceRuntime,
-        patches: Sequence[tuple[nn.Module, Any]] = (),
+        patches: Sequence[ModulePatch] = (),
     ) -> None:
         self._installed: list[tuple[Any, str, Any]] = []
         replaced: dict[int, dict[str, Any]] = {}
@@ -358,8 +356,8 @@ class PickleGuard:
                     if handle not in found:
                         found.append(handle)
         patches_of: dict[int, list[Any]] = {}
-        for module, patch in patches:
-            patches_of.setdefault(id(module), []).append(patch)
+        for patch in patches:
+            patches_of.setdefault(id(patch.module), []).append(patch.value)
         offloaded = frozenset(entry.name for entry in params)
         before = getattr(model, _DDP_IGNORE, None)
         for module in model.modules():

@@ -33,6 +33,7 @@ Example (one process: nothing to share):
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 import weakref
@@ -246,10 +247,15 @@ def release_freed_memory() -> None:
     the process's resident memory: after the offload frees a process's own copy of the
     weights, ``malloc_trim(0)`` returns what it can. Does nothing elsewhere.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    trim = getattr(libc, "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or ``None`` where there is none."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
