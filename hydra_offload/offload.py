@@ -22,6 +22,7 @@ import hashlib
 import os
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.device import runtime_for
 from hydra_offload.runtime.host import proc_bytes
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
+from hydra_offload.runtime.partition import Partition
 from hydra_offload.runtime.shared import can_share, join_node, release_freed_memory
 from hydra_offload.stats import OffloadStats
 from hydra_offload.weights import offload_problem
@@ -168,6 +170,82 @@ class OffloadHandle:
             host_bytes_shared=installed.host_bytes_shared,
             shared_by=self.shared_by if installed.host_bytes_shared else 1,
         )
+
+    @property
+    def partition(self) -> Partition | None:
+        """Under data parallelism with trainable offloaded weights, which process of the
+        node steps which of them (:class:`~hydra_offload.runtime.partition.Partition`);
+        ``None`` otherwise, and once removed."""
+        installed = self._installed
+        return installed.partition if installed is not None else None
+
+    def clip_grad_norm_(
+        self,
+        parameters: Iterable[torch.Tensor] | torch.Tensor,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` for a model whose offloaded weights train
+        split among data-parallel processes: the norm counts the gradients every process of
+        the node holds for the parameters it steps, as plain DDP's norm counts all of them
+        (a collective then: every process calls it). Without a partition it is
+        ``torch.nn.utils.clip_grad_norm_`` itself.
+        :class:`~hydra_offload.OffloadCallback` makes Lightning's gradient clipping use it.
+
+        Returns:
+            The total norm of the gradients (before clipping).
+
+        Example:
+            >>> import torch
+            >>> from hydra_offload import apply_offload
+            >>> from hydra_offload.models import DecoderLM
+            >>> model = DecoderLM(num_layers=2)
+            >>> handle = apply_offload(model, {"uva": {"cpu_offload_gb": 1}})
+            >>> model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+            >>> float(handle.clip_grad_norm_(model.parameters(), 1e9)) > 0
+            True
+            >>> handle.remove()
+        """
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        params = [p for p in parameters if p.grad is not None]
+        partition = self.partition
+        if partition is None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+        grads = [p.grad for p in params if p.grad is not None]
+        owned = [p.grad for p in params if p in partition and p.grad is not None]
+        others = [p.grad for p in params if p not in partition and p.grad is not None]
+        total = torch.tensor(partition.total_norm(owned, others, norm_type))
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"the total norm of order {norm_type} for gradients is non-finite, so it "
+                "cannot be clipped (error_if_nonfinite=True)"
+            )
+        if grads:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give ``optimizer`` on every process the full state of the offloaded parameters
+        (a collective under a partition: every process calls it). Where the offloaded
+        weights train split among the processes of a node, each process's optimizer keeps
+        the state of the parameters it steps only; after this call each holds all of it, as
+        without offload: what a checkpoint saves, and what the parameters take back at
+        :meth:`remove`. Does nothing otherwise.
+        :class:`~hydra_offload.OffloadCallback` calls it before a checkpoint is saved and at
+        the end of a fit.
+
+        Example:
+            >>> import torch
+            >>> from hydra_offload import apply_offload
+            >>> from hydra_offload.models import DecoderLM
+            >>> model = DecoderLM(num_layers=2)
+            >>> with apply_offload(model, {"uva": {"cpu_offload_gb": 1}}) as handle:
+            ...     handle.gather_optimizer_state(torch.optim.AdamW(model.parameters()))
+        """
+        if self.partition is not None:
+            self.partition.gather_state(optimizer)
 
     def remove(self, device: torch.device | str | None = None) -> None:
         """Restore the model: same parameter objects, values, devices and dtypes; no hooks.
@@ -320,6 +398,11 @@ def apply_offload(
                 raise problem from None
             raise
     runtime = runtime_for(compute)
+    trainable = [params[name] for name in plan.offloaded_params if params[name].requires_grad]
+    partition = None
+    if process_group is not None and trainable:
+        # Every process of the group gets here (a refusal above is raised on all of them).
+        partition = Partition(process_group, trainable, node, device=runtime.device)
     counters = Counters()
     saved = None
     if not plan.params:
@@ -333,7 +416,9 @@ def apply_offload(
     else:
         on_device = all(params[p.name].device == runtime.device for p in plan.params)
         before = runtime.memory_allocated()
-        installed = create_backend(model, plan, runtime, counters, zero_copy=zero_copy, node=node)
+        installed = create_backend(
+            model, plan, runtime, counters, zero_copy=zero_copy, node=node, partition=partition
+        )
         after = runtime.memory_allocated()
         if on_device and before is not None and after is not None:
             saved = before - after
@@ -393,7 +478,8 @@ def _check_offloadable(
 
     Host memory: the offloaded weights and, when ``training``, the gradients of the
     trainable ones, times ``processes``, against ``host_bytes_available`` (``None``:
-    ``MemAvailable`` now); with ``shared``, the frozen weights once for the node.
+    ``MemAvailable`` now); with ``shared``, the weights (and the gradients of the trainable
+    ones, which one process of the node keeps each) once for the node.
     """
     if host_bytes_available is not None and host_bytes_available < 0:
         raise ValueError(
@@ -421,8 +507,10 @@ def _check_offloadable(
         problem = offload_problem(model, planned.name, param)
         if problem:
             raise OffloadError(f"{planned.name} {problem}")
-        if shared and not param.requires_grad:
+        if shared:
             once += planned.nbytes  # one copy for the node, shared by its processes
+            if training and param.requires_grad:
+                once += planned.nbytes  # its gradient, kept by the one process that steps it
             continue
         weights += planned.nbytes
         if training and param.requires_grad:
@@ -435,7 +523,7 @@ def _check_offloadable(
             f" and {grads:,} of gradients of the trainable ones" if grads else ""
         )
         if once:
-            what = f"{once:,} bytes of frozen weights shared by the node's processes, " + what
+            what = f"{once:,} bytes shared by the node's processes, " + what
         each = f" in each of the {processes} processes on this node" if processes > 1 else ""
         when = "were available before offloading began" if given else "are available"
         raise OffloadError(

@@ -33,6 +33,7 @@ from hydra_offload.backends.uva import UVAOffload
 from hydra_offload.plan import OffloadPlan
 from hydra_offload.runtime import DeviceRuntime
 from hydra_offload.runtime.counters import Counters
+from hydra_offload.runtime.partition import Partition
 from hydra_offload.runtime.shared import NodeGroup
 
 __all__ = ["NoOffload", "OffloadBackendBase", "PrefetchOffload", "UVAOffload", "create_backend"]
@@ -46,6 +47,7 @@ def create_backend(
     *,
     zero_copy: bool | None = None,
     node: NodeGroup | None = None,
+    partition: Partition | None = None,
 ) -> OffloadBackendBase:
     """Install the backend ``plan`` names on ``model``, the one place a backend is chosen.
 
@@ -61,6 +63,11 @@ def create_backend(
             memory (:func:`~hydra_offload.runtime.shared.join_node`); ``None``: this
             process keeps its own copy. With a node, every process of its group must call
             this with the same plan.
+        partition: under data parallelism, which process steps which trainable offloaded
+            parameter (:class:`~hydra_offload.runtime.partition.Partition`): their gradients
+            are averaged over the group, and with a ``node`` their weights are shared too.
+            ``None``: this process trains alone; with a ``node``, trainable weights then stay
+            in each process's own memory.
 
     Returns:
         :class:`NoOffload` when the plan offloads no parameter (backend ``"none"`` or an
@@ -79,7 +86,9 @@ def create_backend(
     if plan.backend == "none" or not plan.params:
         return NoOffload()
     if plan.backend == "uva":
-        return UVAOffload(model, plan, runtime, counters, zero_copy=zero_copy, node=node)
+        return UVAOffload(
+            model, plan, runtime, counters, zero_copy=zero_copy, node=node, partition=partition
+        )
     if plan.backend == "prefetch":
-        return PrefetchOffload(model, plan, runtime, counters, node=node)
+        return PrefetchOffload(model, plan, runtime, counters, node=node, partition=partition)
     raise ValueError(f"no backend is called {plan.backend!r}; expected 'none', 'uva' or 'prefetch'")

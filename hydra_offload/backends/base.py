@@ -22,14 +22,17 @@ Example:
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload.runtime.grads import HostGradients
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import Staged
+from hydra_offload.runtime.partition import Partition, check_optimizer
 from hydra_offload.weights import ModulePatch
 
 __all__ = ["NoOffload", "OffloadBackendBase", "StagedOffload"]
@@ -102,6 +105,13 @@ class OffloadBackendBase(abc.ABC):
         events. Default: ``None``, not measured."""
         return None
 
+    @property
+    def partition(self) -> Partition | None:
+        """Under data parallelism, which process of the node steps which trainable
+        offloaded parameter (:mod:`hydra_offload.runtime.partition`). Default: ``None``,
+        this process steps every parameter it holds."""
+        return None
+
     def forward_started(self) -> None:
         """Called by the handle as each (eager) forward of the model starts, before any
         offloaded layer runs. Default: nothing to do."""
@@ -160,7 +170,15 @@ class StagedOffload(OffloadBackendBase):
     _staged: Staged
     _hooks: list[RemovableHandle]
     _patches: list[ModulePatch]
+    _optimizers: weakref.WeakSet[torch.optim.Optimizer]
     grads: HostGradients | None
+    _partition: Partition | None
+
+    @property
+    def partition(self) -> Partition | None:
+        """Which process of the node steps which trainable offloaded parameter; ``None``:
+        this process steps all (see :mod:`hydra_offload.runtime.partition`)."""
+        return self._partition
 
     @property
     def staged(self) -> Staged:
@@ -178,6 +196,22 @@ class StagedOffload(OffloadBackendBase):
         """Module attributes the weight adapters replaced (see
         :meth:`WeightAdapter.install <hydra_offload.weights.WeightAdapter.install>`)."""
         return list(self._patches)
+
+    def _steps(self, param: nn.Parameter) -> bool:
+        """Whether this process steps ``param``: not when a partition gives it to another
+        process of the node."""
+        return self.partition is None or self.partition.steps(param)
+
+    def _remember(self, optimizer: torch.optim.Optimizer, held: list[nn.Parameter]) -> None:
+        """``optimizer`` holds offloaded parameters (``held``): remember it (its state
+        follows the parameters back at removal); under a partition, refuse it if it cannot
+        be split, and forget the state of parameters another process steps (a loaded
+        checkpoint gives every process all of it)."""
+        if self.partition is not None:
+            if optimizer not in self._optimizers:
+                check_optimizer(optimizer)
+            self.partition.drop_state(optimizer, held)
+        self._optimizers.add(optimizer)
 
     def _install_weights(self) -> None:
         """What each offloaded parameter's adapter needs while offloaded (hooks, patches),

@@ -64,6 +64,7 @@ from hydra_offload.runtime import BufferPool, DeviceRuntime, Slot, ops
 from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_host
+from hydra_offload.runtime.partition import Partition
 from hydra_offload.runtime.shared import NodeGroup
 from hydra_offload.runtime.timing import WaitTimer
 from hydra_offload.schedule import RingSchedule, schedules_of
@@ -379,15 +380,19 @@ class PrefetchOffload(StagedOffload):
         counters: Counters,
         *,
         node: NodeGroup | None = None,
+        partition: Partition | None = None,
     ) -> None:
         self.runtime = runtime
+        self._partition = partition
         self.counters = counters
         self._hooks: list[RemovableHandle] = []
         self.rings: list[_Ring] = []
         self._params: dict[int, _Param] = {}
         self.grads: HostGradients | None = None
         self._patches: list[ModulePatch] = []
-        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime, node=node)
+        self._staged: Staged = stage_to_host(
+            model, plan.offloaded_params, runtime, node=node, trainable_shared=partition is not None
+        )
         # An empty tensor holds no memory to copy (and may sit at the end of its range, or be
         # the whole of an empty buffer, where CUDA reports no page-locked memory).
         if runtime.is_cuda and not all(
@@ -449,7 +454,9 @@ class PrefetchOffload(StagedOffload):
                     self._params[id(entry.param)] = entry
         # Whether a parameter trains is read now.
         self.grads = HostGradients(
-            self.runtime, [e.param for e in self._params.values() if e.param.requires_grad]
+            self.runtime,
+            [e.param for e in self._params.values() if e.param.requires_grad],
+            self.partition,
         )
         self.grads.on_received = self.backward_started
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -480,6 +487,11 @@ class PrefetchOffload(StagedOffload):
         self._queued_for = None
         assert self.grads is not None
         received = self.grads.finish()
+        if self.partition is not None:
+            # No process may update a weight another still reads for its backward.
+            self.copy_stream.synchronize()
+            self.runtime.hand_over(self.staged.storage.tensors)
+            self.partition.barrier()
         for ring in self.rings:
             ring.backward_done()
         for param, host_grad in received:
@@ -517,19 +529,23 @@ class PrefetchOffload(StagedOffload):
         closure (as Lightning steps), this hook runs before the closure's backward, which
         then points them at host storage for the step."""
         assert self.grads is not None
-        stepping = []
+        stepping, held = [], []
         for group in optimizer.param_groups:
             for param in group["params"]:
                 entry = self._params.get(id(param))
                 if entry is None:
                     continue
-                self._optimizers.add(optimizer)
+                held.append(param)
+                if not self._steps(param):
+                    continue  # another process of the node steps it (see Partition)
                 if not entry.on_host and param.grad is not None:
                     host_grad = self.grads.adopt(param)
                     self._to_host(entry)
                     param.grad = host_grad
                 if entry.on_host or param in self.grads:
                     stepping.append(param)
+        if held:
+            self._remember(optimizer, held)
         if stepping:
             # The step writes host weights that a copy may still be reading (a preload).
             self.copy_stream.synchronize()
@@ -538,11 +554,16 @@ class PrefetchOffload(StagedOffload):
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """An optimizer updated parameters: whatever the slots hold of offloaded ones that
-        it steps is stale. Reload from the host."""
+        it steps is stale. Reload from the host (under a partition: once every process of
+        the node has stepped the parameters it owns)."""
         stepped = {
             id(p) for group in optimizer.param_groups for p in group["params"]
         } & self._params.keys()
-        if not any(self._params[key].on_host for key in stepped):
+        if self.partition is not None and any(
+            self._params[key].param.requires_grad for key in stepped
+        ):
+            self.partition.barrier()
+        elif not any(self._params[key].on_host for key in stepped):
             return
         for ring in self.rings:
             for layer in ring.layers:

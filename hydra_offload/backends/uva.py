@@ -34,7 +34,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
 from hydra_offload._warnings import warn_at_caller
@@ -45,6 +48,7 @@ from hydra_offload.runtime.counters import Counters
 from hydra_offload.runtime.grads import HostGradients, optimizer_state_to, queue_once
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import OffloadedParam, Staged, point_at, restore, stage_to_host
+from hydra_offload.runtime.partition import Partition
 from hydra_offload.runtime.shared import NodeGroup
 from hydra_offload.weights import ModulePatch, PlainTensor, layout_of
 
@@ -69,8 +73,10 @@ class UVAOffload(StagedOffload):
         *,
         zero_copy: bool | None = None,
         node: NodeGroup | None = None,
+        partition: Partition | None = None,
     ) -> None:
         self.runtime = runtime
+        self._partition = partition
         self.counters = counters
         self._hooks: list[RemovableHandle] = []
         self._saving: list[tuple[nn.Module, Any]] = []
@@ -79,8 +85,10 @@ class UVAOffload(StagedOffload):
         self._queued_for: int | None = None
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._patches: list[ModulePatch] = []
-        self.mode: UVAMode = _choose_mode(runtime, zero_copy)
-        self._staged: Staged = stage_to_host(model, plan.offloaded_params, runtime, node=node)
+        self.mode: UVAMode = _choose_mode(runtime, zero_copy, split=partition is not None)
+        self._staged: Staged = stage_to_host(
+            model, plan.offloaded_params, runtime, node=node, trainable_shared=partition is not None
+        )
         try:
             views = self._zero_copy_views(zero_copy) if self.mode == "zero_copy" else None
             if views is not None:
@@ -88,7 +96,7 @@ class UVAOffload(StagedOffload):
             else:
                 point_at([(e, e.hosts) for e in self.staged.params])
             self._hook_owners(model)
-            if self.mode != "host":
+            if self.mode != "host" or partition is not None:
                 self._hook_grads()
             self._install_weights()
         except BaseException:
@@ -203,10 +211,13 @@ class UVAOffload(StagedOffload):
         trainable = [e for e in self.staged.params if e.param.requires_grad]
         if not trainable:
             return
-        if self.mode == "copy":
-            self.grads = HostGradients(self.runtime, [e.param for e in trainable])
+        if self.mode != "zero_copy":  # copy mode, or the host under a partition
+            params = [e.param for e in trainable]
+            self.grads = HostGradients(self.runtime, params, self.partition)
             self.grads.on_received = self._backward_started
             self._hooks.append(register_optimizer_step_pre_hook(self._before_step))
+            if self.partition is not None:
+                self._hooks.append(register_optimizer_step_post_hook(self._after_step))
             return
         layouts = [layout_of(e.hosts[0]) for e in trainable]
         self._grad_storage = self.runtime.host_storage(layouts)
@@ -226,20 +237,39 @@ class UVAOffload(StagedOffload):
         assert self.grads is not None
         for param, host_grad in self.grads.finish():
             param.grad = host_grad
+        if self.partition is not None:
+            # No process may update a weight another still reads for its backward: the
+            # copies out of host memory ran on the compute stream before the gradients,
+            # which finish() waited for.
+            self.runtime.hand_over(self.staged.storage.tensors)
+            self.partition.barrier()
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Copy mode: the step of offloaded parameters runs in host memory; their state
-        goes there if something put it on the device (a loaded checkpoint)."""
+        """Copy mode (and the host under a partition): the step of offloaded parameters
+        runs in host memory; their state goes there if something put it on the device (a
+        loaded checkpoint)."""
         assert self.grads is not None
-        stepping = [
-            p for group in optimizer.param_groups for p in group["params"] if p in self.grads
+        offloaded = {id(e.param) for e in self.staged.params}
+        held = [
+            p for group in optimizer.param_groups for p in group["params"] if id(p) in offloaded
         ]
+        stepping = [p for p in held if p in self.grads]
+        if held:
+            self._remember(optimizer, held)
         if stepping:
-            self._optimizers.add(optimizer)
             # The step writes host weights that a per-forward copy may still be reading.
             self.runtime.current_stream().synchronize()
             runtime = self.runtime
             optimizer_state_to(optimizer, stepping, runtime.to_host, runtime.in_host_memory)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Under a partition: no process reads an offloaded weight before every process of
+        the node has stepped the ones it owns."""
+        assert self.partition is not None
+        assert self.grads is not None
+        offloaded = {id(e.param) for e in self.staged.params if e.param.requires_grad}
+        if any(id(p) in offloaded for group in optimizer.param_groups for p in group["params"]):
+            self.partition.barrier()
 
     def _host_storages(self) -> list[HostStorage]:
         """The staged weights, and in copy mode the host gradients' storage."""
@@ -302,10 +332,19 @@ def _unpack(saved: torch.Tensor) -> torch.Tensor:
     return saved
 
 
-def _choose_mode(runtime: DeviceRuntime, zero_copy: bool | None) -> UVAMode:
+def _choose_mode(runtime: DeviceRuntime, zero_copy: bool | None, split: bool = False) -> UVAMode:
+    """The UVA mode for ``runtime``; ``split``: trainable offloaded weights step split among
+    data-parallel processes, which needs their gradients averaged on the device and copied
+    out (copy mode), not accumulated through a zero-copy view."""
     if not runtime.is_accelerator:
         return "copy" if zero_copy is False else "host"
-    if runtime.is_cuda and zero_copy is not False:
+    if split and zero_copy:
+        raise ValueError(
+            "zero_copy=True cannot train offloaded weights under data parallelism: their "
+            "gradients are averaged over the processes on the device before they go to host "
+            "memory; use zero_copy=None or False (per-forward copies)"
+        )
+    if runtime.is_cuda and zero_copy is not False and not split:
         return "zero_copy"
     if zero_copy:
         raise ValueError(

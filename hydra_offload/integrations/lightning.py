@@ -72,6 +72,11 @@ from hydra_offload import offload as _offload
 from hydra_offload._format import format_bytes
 from hydra_offload._warnings import warn_at_caller
 from hydra_offload.config import OffloadConfig, to_offload_config
+from hydra_offload.integrations.data_parallel import (
+    check_optimizers,
+    follow_partition,
+    gather_checkpoint_state,
+)
 from hydra_offload.integrations.precision import (
     apply_precision,
     lift_module_init_context,
@@ -79,8 +84,9 @@ from hydra_offload.integrations.precision import (
 )
 from hydra_offload.integrations.strategies import check_strategy
 from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
-from hydra_offload.offload import OffloadError, OffloadHandle, OffloadStats, apply_offload
-from hydra_offload.plan import OffloadPlan, OffloadPlanWarning, plan_offload
+from hydra_offload.offload import OffloadHandle, OffloadStats, apply_offload
+from hydra_offload.plan import OffloadPlan, OffloadPlanWarning
+from hydra_offload.weights import ModulePatch
 
 __all__ = ["PLAN_FILE", "OffloadCallback"]
 
@@ -251,6 +257,9 @@ class OffloadCallback(Callback):
         self._wrapped_load: tuple[LightningModule, Any] | None = None
         self._module: Any = None
         self._ddp_ignored_before: Any = None
+        self._split: list[ModulePatch] = []
+        """The precision plugin's clipping and scaling, patched while offloaded weights train
+        split among data-parallel processes (see :mod:`.data_parallel`)."""
         self._warned_cpu = False
         self._shown_plan: tuple[weakref.ref[LightningModule], str] | None = None
         self._hparams_sent: weakref.WeakSet[Logger] = weakref.WeakSet()
@@ -339,8 +348,7 @@ class OffloadCallback(Callback):
         strategy moves it to the device.
 
         Raises:
-            OffloadError: under DDP (several processes) while fitting, an offloaded parameter
-                requires grad; or the module already carries an offload (e.g. another
+            OffloadError: the module already carries an offload (e.g. another
                 OffloadCallback's), a parameter cannot be offloaded, or host memory is short.
             hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
         """
@@ -354,8 +362,6 @@ class OffloadCallback(Callback):
                     "memory here; the offload mechanism still runs (useful for testing).",
                     UserWarning,
                 )
-        if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
-            self._refuse_trainable_offloaded(pl_module)
         apply_precision(trainer.precision_plugin, pl_module, device)
         available = self._host_bytes_before_offloading(trainer)
         with warnings.catch_warnings(record=True) as caught:
@@ -370,6 +376,8 @@ class OffloadCallback(Callback):
                 process_group=_data_parallel_group(trainer),
             )
         self._pass_on(caught)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._split = follow_partition(trainer, self.handle)
         self._ddp_ignored_before = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         ignored = list(self._ddp_ignored_before or [])
         ignored += [n for n in self.handle.plan.offloaded_params if n not in ignored]
@@ -415,27 +423,6 @@ class OffloadCallback(Callback):
         readings = trainer.strategy.all_gather(mine)
         known = readings[readings >= 0]
         return int(known.min()) if known.numel() else None
-
-    def _refuse_trainable_offloaded(self, pl_module: LightningModule) -> None:
-        """Offloaded parameters are kept out of DDP's gradient sync, so under several
-        processes they must be frozen, or each rank would train its own copy.
-
-        Raises:
-            OffloadError: an offloaded parameter requires grad; the message names one.
-            hydra_offload.LayerStackError: prefetch cannot find or use the layer stack.
-        """
-        params = dict(pl_module.named_parameters())
-        trainable = [
-            name
-            for name in plan_offload(pl_module, self.config).offloaded_params
-            if params[name].requires_grad
-        ]
-        if trainable:
-            raise OffloadError(
-                f"{len(trainable)} offloaded parameter(s) require grad, e.g. {trainable[0]}; "
-                "under DDP offloaded parameters are not synchronized across processes, so "
-                "freeze them (requires_grad_(False)) or train with one process"
-            )
 
     def _unpatch(self) -> None:
         if self._patched is not None:
@@ -600,11 +587,17 @@ class OffloadCallback(Callback):
         stats = self.handle.stats if self.handle is not None else None
         if self.handle is not None:
             self._log(trainer)
+            if stage == "fit":  # the parameters go back with their optimizers' full state
+                for optimizer in trainer.optimizers:
+                    self.handle.gather_optimizer_state(getattr(optimizer, "_optimizer", optimizer))
             self._remove()
         self._write_summary(stats)
 
     def _remove(self) -> None:
         self._unpatch()
+        for patch in self._split:
+            patch.remove()
+        self._split = []
         self._unwrap_on_load_checkpoint()
         if self.handle is not None:
             self.last_stats = self.handle.stats
@@ -637,6 +630,22 @@ class OffloadCallback(Callback):
         self._remove()
 
     # ---------------------------------------------------------------- checkpoints
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse an optimizer that cannot step offloaded weights split among the processes
+        (on every process alike, before the first step)."""
+        if self.handle is not None:
+            check_optimizers(trainer, self.handle)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The checkpoint gets the optimizers' full state, as without offload, also where
+        each process keeps the state of the offloaded parameters it steps only."""
+        if self.handle is not None:
+            gather_checkpoint_state(trainer, self.handle, checkpoint)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         """The config that ran (for the record; checkpoints hold the true weights).

@@ -107,6 +107,13 @@ class DeviceRuntime:
         ensures by synchronizing first. Nothing to do here; the simulated device checks it."""
         return None
 
+    def hand_over(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Called just before other processes of the node may write the host memory of
+        ``tensors`` (shared weights another process steps): no copy of this process may
+        still read it, which the caller ensures by synchronizing first. Nothing to do here;
+        the simulated device checks it."""
+        return None
+
     def publish(self, storage: HostStorage, problem: str | None = None) -> None:
         """Share ``storage``'s shared memory with the node's processes
         (:meth:`HostStorage.publish`, a collective)."""
@@ -139,6 +146,22 @@ class DeviceRuntime:
             dst.copy_(src, non_blocking=True)
         if src.device.type == self.device.type and stream != self.current_stream():
             src.record_stream(stream)
+
+    def wait_work(self, stream: Any, work: Any) -> None:
+        """Make ``stream`` wait for a ``torch.distributed`` collective's ``work`` (``None``:
+        nothing to wait for): on the device where the backend allows it (NCCL), so the host
+        goes on; on the CPU the host waits.
+
+        Example:
+            >>> DeviceRuntime(torch.device("cpu")).wait_work(NullStream(), None)
+        """
+        if work is None:
+            return
+        if not self.is_accelerator:
+            work.wait()
+            return
+        with stream:
+            work.wait()
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of ``tensor`` in ordinary host memory, complete when this returns."""

@@ -43,6 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hydra_offload.runtime.device import DeviceRuntime
 from hydra_offload.runtime.host import HostStorage
+from hydra_offload.runtime.partition import Partition
 
 __all__ = ["HostGradients", "optimizer_state_to", "queue_once"]
 
@@ -73,25 +74,37 @@ class HostGradients:
             must call :meth:`finish`.
     """
 
-    def __init__(self, runtime: DeviceRuntime, params: Sequence[nn.Parameter]) -> None:
+    def __init__(
+        self,
+        runtime: DeviceRuntime,
+        params: Sequence[nn.Parameter],
+        partition: Partition | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.partition = partition
         self._grads = {id(p): _Grad(p) for p in params}
-        self._order = [self._grads[id(p)] for p in params]
-        self.stream = runtime.new_stream() if self._order else None
+        # Host memory only for the gradients this process keeps (all, without a partition).
+        self._order = [self._grads[id(p)] for p in params if partition is None or partition.owns(p)]
+        self._kept = {id(g) for g in self._order}
+        self.stream = runtime.new_stream() if params else None
+        self._reducing: list[tuple[_Grad, torch.Tensor, Any]] = []
         self._storage: HostStorage | None = None
         self._staging: HostStorage | None = None
         self._pending: list[_Grad] = []
         self._received: dict[int, _Grad] = {}
         self.on_received: Callable[[], Any] = lambda: None
         self._hooks: list[RemovableHandle] = []
-        for grad in self._order:
+        for grad in self._grads.values():
             self._hooks += [
                 grad.param.register_hook(partial(self._before_accumulate, grad)),
                 grad.param.register_post_accumulate_grad_hook(partial(self._accumulated, grad)),
             ]
 
     def __contains__(self, param: object) -> bool:
-        return id(param) in self._grads
+        """Whether ``param``'s gradient is kept in host memory by this process (with a
+        partition: whether it owns the parameter)."""
+        grad = self._grads.get(id(param))
+        return grad is not None and id(grad) in self._kept
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +150,8 @@ class HostGradients:
         gradient off it (a device gradient cannot be added to it); the new gradient adds to
         it unless ``zero_grad()`` has dropped it."""
         current = grad.param.grad
-        if current is None:
+        if current is None or id(grad) not in self._kept:
+            grad.param.grad = None  # not kept here: the owner accumulates the averages
             grad.accumulate = False
             return
         self.adopt(grad.param)
@@ -149,23 +163,60 @@ class HostGradients:
         device_grad = param.grad
         if device_grad is None:
             return
+        if self.partition is not None:
+            # Averaged over the processes first (asynchronously); the copy waits for it.
+            work = self.partition.reduce(device_grad)
+            param.grad = None
+            self._reducing.append((grad, device_grad, work))
+            self._copy_reduced(wait=False)
+            self.on_received()
+            return
         host = self.host_grad(grad.param)
         if device_grad is not host:
             assert self.stream is not None
             self.stream.wait_stream(self.runtime.current_stream())  # the gradient is computed
-            if grad.accumulate:
-                self.runtime.copy(self.stream, self._staging_for(grad), device_grad)
-                self._pending.append(grad)
-            else:
-                self.runtime.copy(self.stream, host, device_grad)
+            self._to_host(grad, device_grad)
             param.grad = None
         grad.accumulate = True
         self._received[id(grad.param)] = grad
         self.on_received()
 
+    def _to_host(self, grad: _Grad, device_grad: torch.Tensor) -> None:
+        """Queue the copy of a complete device gradient into host memory (the stream has
+        been made to wait for it)."""
+        assert self.stream is not None
+        if grad.accumulate:
+            self.runtime.copy(self.stream, self._staging_for(grad), device_grad)
+            self._pending.append(grad)
+        else:
+            self.runtime.copy(self.stream, self.host_grad(grad.param), device_grad)
+
+    def _copy_reduced(self, *, wait: bool) -> None:
+        """Copy the averaged gradients whose reductions are done (all of them, waiting, with
+        ``wait``) to host memory, in the order they were started; on an accelerator the
+        gradient stream waits for each reduction on the device, so none is waited for here.
+        A gradient this process does not own is dropped once its reduction is done."""
+        assert self.stream is not None
+        assert self.partition is not None
+        while self._reducing:
+            grad, device_grad, work = self._reducing[0]
+            if not (wait or self.runtime.is_accelerator or work is None or work.is_completed()):
+                return
+            self._reducing.pop(0)
+            self.stream.wait_stream(self.runtime.current_stream())  # the gradient is computed
+            self.runtime.wait_work(self.stream, work)
+            if id(grad) in self._kept:
+                self._to_host(grad, device_grad)
+                grad.accumulate = True
+                self._received[id(grad.param)] = grad
+            elif self.runtime.is_accelerator:
+                device_grad.record_stream(self.stream)  # read by the reduction until then
+
     def finish(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """After a backward pass: wait for the copies, add the staged gradients, and return
         each parameter that received a gradient with its host gradient."""
+        if self._reducing:
+            self._copy_reduced(wait=True)
         if self.stream is not None:
             self.stream.synchronize()
         with torch.no_grad():
@@ -194,7 +245,9 @@ class HostGradients:
             grad.host = grad.staging = None
         self._grads = {}
         self._order = []
+        self._kept = set()
         self._pending = []
+        self._reducing = []
         self._received = {}
         self.on_received = lambda: None
 

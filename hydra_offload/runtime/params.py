@@ -76,6 +76,8 @@ def stage_to_host(
     runtime: DeviceRuntime,
     params: dict[str, nn.Parameter] | None = None,
     node: NodeGroup | None = None,
+    *,
+    trainable_shared: bool = False,
 ) -> Staged:
     """Copy the values of ``model``'s parameters ``names`` (every part of each) into one new
     :class:`HostStorage` (page-locked for the runtime's device where it has one); the model
@@ -84,9 +86,10 @@ def stage_to_host(
     With ``node`` (the processes of this node, :func:`~hydra_offload.runtime.shared.join_node`),
     the frozen parameters' values go to memory the node's processes share: the node's leader
     fills it, the others map it (a collective of the process group: every process of it
-    calls this, with the same parameters); trainable ones, and weights a process may rewrite
-    (a bitsandbytes 4-bit layer that may be repacked for the CPU), stay in each process's own
-    memory.
+    calls this, with the same parameters); trainable ones too with ``trainable_shared`` (one
+    process of the node steps each, see :mod:`hydra_offload.runtime.partition`), otherwise
+    they stay in each process's own memory, as do weights a process may rewrite (a
+    bitsandbytes 4-bit layer that may be repacked for the CPU).
 
     Raises:
         RuntimeError: host memory could not be allocated or page-locked (nothing is kept).
@@ -97,7 +100,9 @@ def stage_to_host(
     adapters = [adapter_for(model, name, params[name], device=runtime.device) for name in names]
     counts = [len(adapter.layouts()) for adapter in adapters]
     shares = [
-        node is not None and not params[name].requires_grad and adapter.shareable
+        node is not None
+        and (trainable_shared or not params[name].requires_grad)
+        and adapter.shareable
         for name, adapter in zip(names, adapters, strict=True)
     ]
     layouts = [layout for adapter in adapters for layout in adapter.layouts()]

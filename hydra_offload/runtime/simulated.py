@@ -236,6 +236,13 @@ class SimulatedRuntime(DeviceRuntime):
     def release(self, tensors: Sequence[torch.Tensor]) -> None:
         self.simulated.released(tensors)
 
+    def hand_over(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.simulated.released(tensors)  # the same check: no stream may still access it
+
+    def wait_work(self, stream: Any, work: Any) -> None:
+        if work is not None:  # the host waits; what the stream does next comes after
+            work.wait()
+
     def new_stream(self) -> Any:
         return self.simulated.new_stream()
 

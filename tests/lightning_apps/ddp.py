@@ -24,7 +24,7 @@ from hydra_offload.integrations import lightning as lightning_integration
 from hydra_offload.plan import plan_offload
 
 PREFETCH = {"prefetch": {"offload_group_size": 2}}
-# Trainable offloaded weights (the MLPs) under DDP: they must stay in sync, or be refused.
+# Trainable offloaded weights (the MLPs) under DDP: they train split among the ranks, in sync.
 UVA_MLP = {"uva": {"cpu_offload_gb": 1.0, "cpu_offload_params": ["mlp"]}}
 
 
