@@ -97,6 +97,7 @@ VARIANTS = {
     "clip_value": "gradient clipping by value",
     "mixed": "16-mixed: found-inf agreed on by the processes, the loss scale alike",
     "mixed_inf": "16-mixed, an inf in one offloaded gradient (one owner sees it): all skip",
+    "schedule": "a learning-rate schedule stepped every step",
     "slow": "rank 1 sleeps before each step: rank 0 never reads a half-stepped weight",
     "sgd": "SGD with momentum",
     "resume": "2 steps, a checkpoint, 2 more from it in a new Trainer",
@@ -115,7 +116,7 @@ def test_the_variants_differ_from_each_other(variants):
     """Clipping clips, mixed precision changes the arithmetic: the equalities above compare
     runs that exercise what they name."""
     plain = variants[("plain", "none")]
-    for variant in ("accumulate", "clip", "clip_value", "mixed"):
+    for variant in ("accumulate", "clip", "clip_value", "mixed", "schedule"):
         assert max_difference(plain, variants[(variant, "none")]) > 1e-4, variant
     skipped = variants[("mixed_inf", "none")]  # one step fewer
     assert max_difference(variants[("mixed", "none")], skipped) > 1e-4
@@ -132,6 +133,18 @@ def test_a_checkpoint_holds_the_full_optimizer_state_as_without_offload(variants
     for index, state in plain[0]["state"].items():
         for key, value in state.items():
             assert torch.allclose(value, offloaded[0]["state"][index][key], atol=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["prefetch", "uva"])
+def test_after_the_fit_every_process_holds_the_full_optimizer_state(variants, option):
+    plain, offloaded = variants[("state", "none")], variants[("state", option)]
+    for rank in (0, 1):
+        assert offloaded[rank].keys() == plain[rank].keys()
+        assert len(offloaded[rank]) == 14
+        for index, state in plain[rank].items():
+            for key, value in state.items():
+                assert torch.allclose(value, offloaded[rank][index][key], atol=TOLERANCE)
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ end of every batch, the trained parameters and the offload's statistics.
 Variants: ``plain``, ``accumulate`` (2 micro-batches a step), ``clip`` (by norm, small
 enough to clip every step), ``clip_value``, ``mixed`` (``16-mixed`` and its scaler),
 ``mixed_inf`` (the same, an inf in one offloaded gradient at the second step),
-``slow`` (rank 1 sleeps before each step, so rank 0 runs ahead), ``resume`` (2 steps, a
+``schedule`` (a learning-rate schedule stepped every step), ``slow`` (rank 1 sleeps before
+each step, so rank 0 runs ahead), ``resume`` (2 steps, a
 checkpoint, then 2 more in a new Trainer from it), ``resume_plain`` (that checkpoint, resumed
 without offload) and ``sgd`` (momentum SGD).
 
@@ -91,7 +92,14 @@ class Stack(LightningModule):
     def configure_optimizers(self):
         if self.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+        if self.optimizer == "adamw+schedule":
+            schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"},
+            }
+        return optimizer
 
 
 def pss_bytes() -> int:
@@ -173,12 +181,29 @@ def precision_plugin(name: str) -> list:
     return [MixedPrecision("16-mixed", ACCELERATOR, scaler=torch.amp.GradScaler(ACCELERATOR))]
 
 
+def everyones_state(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each process's optimizer state (gathered on every process), by parameter index."""
+    index = {id(p): i for group in optimizer.param_groups for i, p in enumerate(group["params"])}
+    mine = {
+        index[id(p)]: {k: v.detach().cpu().clone() for k, v in state.items()}
+        for p, state in optimizer.state.items()
+    }
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
 def variants(out: Path) -> None:
     results: dict = {}
     for option in ("none", "prefetch", "uva"):
         for name, args in VARIANTS.items():
-            module, _, _ = fit(option, **SMALL, **args)
+            module, trainer, _ = fit(option, **SMALL, **args)
             results[(name, option)] = trained(module)
+            if name == "plain":  # every process's optimizer state, once the offload is removed
+                results[("state", option)] = everyones_state(trainer.optimizers[0])
+        module = Stack(**SMALL, optimizer="adamw+schedule")
+        fit(option, **SMALL, module=module)
+        results[("schedule", option)] = trained(module)
         module = Stack(**SMALL)
         module.slow = True
         fit(option, **SMALL, module=module)
