@@ -306,3 +306,58 @@ def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
     steps = _steps(tmp_path)
     assert [step["status"] for step in steps.values()] == ["skipped (budget spent)"] * 2
     assert "skipped (budget spent)" in (tmp_path / "summary.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (can_share() and Path("/proc/self/smaps_rollup").exists()),
+    reason="needs Linux memfd_create, /proc and smaps_rollup",
+)
+def test_ddp_train_bench_trains_offloaded_weights_as_ddp_with_one_copy_per_node(tmp_path):
+    # 1 and 2 ranks, 4 MiB, four of the options: about 40 s on 2 cores (eight launches).
+    options = ["ddp", "offload", "fsdp-cpu-offload", "ddp-per-param"]
+    _run("ddp_train_bench.py", "--ranks", "1", "2", "--mib", "4", "--steps", "2",
+         "--options", *options, "--out", tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "ddp_train-cpu.json").read_text())
+    assert report["torch"]
+    assert report["date"]
+    assert report["machine"]["cpus"]
+    assert report["command"].startswith("python benchmarks/ddp_train_bench.py --ranks 1 2")
+    assert report["options"] == options
+    markdown = (tmp_path / "ddp_train-cpu.md").read_text()
+    assert "| ranks | DDP node Pss MiB | offload node Pss MiB | offload saved vs DDP MiB |" in (
+        markdown
+    )
+    assert (tmp_path / "ddp_train-cpu.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {(row["ranks"], row["option"]): row for row in report["rows"]}
+    assert list(rows) == [(ranks, option) for ranks in (1, 2) for option in options]
+    model = report["model"]
+    layers, head = model["layers_bytes"], (model["width"] * 8 + 8) * 4
+    for (ranks, option), row in rows.items():
+        if option == "fsdp-cpu-offload" and "error" in row:
+            assert row["error"].startswith("does not run on the CPU: ")
+            continue
+        assert len(row["per_rank"]) == ranks
+        assert [r["rank"] for r in row["per_rank"]] == list(range(ranks))
+        assert len({r["pid"] for r in row["per_rank"]}) == ranks
+        assert row["node_pss_bytes"] == max(row["node_pss_readings_bytes"]) > 0
+        assert len(row["step_s"]) == 2
+        assert row["step_s_median"] > 0
+        # Every run trains the weights DDP trains (with 1 or 2 ranks, in fact to the bit).
+        assert row["max_abs_diff_vs_ddp"] <= 1e-6, (ranks, option)
+    for ranks in (1, 2):
+        ddp, offload = rows[(ranks, "ddp")], rows[(ranks, "offload")]
+        assert ddp["max_abs_update"] > 1e-4  # the weights did train
+        assert offload["weights_equal_ddp"]
+        assert offload["max_abs_diff_vs_per_param"] <= 1e-6
+        # One host copy of the layers for the node; each rank steps its share of them and
+        # keeps AdamW's two moments for those only (and for the head, which DDP syncs).
+        assert offload["shared_by"] == ranks
+        assert sum(offload["owned_params"]) == 2 * model["depth"]
+        assert ddp["node_optimizer_state_bytes"] == ranks * 2 * (layers + head)
+        assert offload["node_optimizer_state_bytes"] == 2 * layers + ranks * 2 * head
+        assert offload["node_grad_bytes"] == layers + ranks * head
+    # Memory, loosely (4 MiB is close to the noise between launches): measured in the same
+    # processes, training adds less to the node with the offload than with DDP.
+    change = {option: rows[(2, option)]["node_pss_change_bytes"] for option in options[:2]}
+    assert change["offload"] < change["ddp"], change
