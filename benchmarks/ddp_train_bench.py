@@ -88,24 +88,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import faulthandler
-import json
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import node_bench
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from rich.console import Console
+from node_bench import MIB
 from rich.table import Table
-from shared_host_bench import MIB, free_port, layer_bytes, machine, pss_bytes, shape_for
 from torch import nn
 
 from hydra_offload import apply_offload
@@ -133,20 +129,6 @@ SEED = 0
 BATCH = 8
 TOLERANCE = 1e-6
 COLLECTIVE_TIMEOUT = dt.timedelta(seconds=300)  # a hung rank ends the launch, not the bench
-
-
-class TrainStack(nn.Module):
-    """``depth`` trainable ``Linear(width, width)`` layers with tanh between, and a head."""
-
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return self.head(x)
 
 
 def one_line(err: BaseException) -> str:
@@ -192,7 +174,7 @@ def fsdp_policy_error() -> str | None:
 Wrapped = tuple[nn.Module, Any, dict[str, Any], Callable[[], None] | None]
 
 
-def wrap(option: str, model: TrainStack, backend: str) -> Wrapped:
+def wrap(option: str, model: node_bench.LinearStack, backend: str) -> Wrapped:
     """The module to train (``model`` wrapped for ``option``), the offload's handle (or
     ``None``), notes for the report, and what to run after each backward (or ``None``)."""
     notes: dict[str, Any] = {}
@@ -252,10 +234,14 @@ def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
     """One rank's figures for one option (the process group is up)."""
     torch.set_num_threads(1)
     option = spec["option"]
-    result: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "pss_bare_bytes": pss_bytes()}
+    result: dict[str, Any] = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "pss_bare_bytes": node_bench.pss_bytes(),
+    }
     torch.manual_seed(SEED)
-    model = TrainStack(spec["width"], spec["depth"])
-    result["pss_built_bytes"] = pss_bytes()
+    model = node_bench.LinearStack(spec["width"], spec["depth"])
+    result["pss_built_bytes"] = node_bench.pss_bytes()
     dist.barrier()
     start = time.perf_counter()
     try:
@@ -286,7 +272,7 @@ def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
         # Every rank reads after the same step: a page counts in a rank's Pss once the rank
         # has touched it, so the ranks' readings add up only when taken together.
-        readings.append(pss_bytes())
+        readings.append(node_bench.pss_bytes())
         dist.barrier()
         losses.append(loss.item())
     params = list(model.parameters())
@@ -300,17 +286,10 @@ def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
         params_with_optimizer_state=len(optimizer.state),
     )
     if handle is not None:
-        stats = handle.stats
         partition = handle.partition
         owned = [p for p in params if partition is not None and partition.owns(p)]
         result.update(
-            offloaded_bytes=stats.offloaded_bytes,
-            host_bytes=stats.host_bytes,
-            host_bytes_shared=stats.host_bytes_shared,
-            shared_by=stats.shared_by,
-            pool_bytes=stats.pool_bytes,
-            owned_params=len(owned),
-            owned_bytes=_nbytes(owned),
+            node_bench.offload_figures(handle), owned_params=len(owned), owned_bytes=_nbytes(owned)
         )
         dist.barrier()  # every rank has read its memory before any lets go of the weights
     weights = final_weights(model, handle)
@@ -319,67 +298,11 @@ def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def worker(index: int, spec: dict[str, Any], port: int, out: str) -> None:
-    faulthandler.enable()  # a rank that aborts says where
-    world = spec["ranks"]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index),
-        WORLD_SIZE=str(world), LOCAL_RANK=str(index), LOCAL_WORLD_SIZE=str(world),
-    )  # fmt: skip
-    dist.init_process_group("gloo", rank=index, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        mine = measure(index, spec)
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, mine)
-        if index == 0:
-            Path(out).write_text(json.dumps(gathered))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    _done(out, index).touch()  # this rank is through: whatever happens at its exit is after
-
-
-def _done(out: str | Path, index: int) -> Path:
-    return Path(out).with_name(f"{Path(out).stem}-done-{index}")
-
-
-def launch(spec: dict[str, Any], tmp: Path) -> tuple[list[dict[str, Any]], float, str | None]:
-    """Start ``spec["ranks"]`` fresh processes for one option; their figures, the launch's
-    wall seconds, and what went wrong at a rank's exit after it was through, if anything.
-    Rank 0 leaves its trained weights at ``spec["weights_path"]``.
-
-    A rank that dies after it finished the run (every figure written, its process group
-    destroyed: torch's FSDP2 over gloo now and then aborts a rank as the interpreter exits,
-    "terminate called without an active exception") does not void the figures: the note
-    says which rank and how. One that dies before raises."""
-    out = tmp / f"ranks-{spec['ranks']}-{spec['option']}.json"
-    start = time.perf_counter()
-    note = None
-    try:
-        mp.start_processes(
-            worker, args=(spec, free_port(), str(out)), nprocs=spec["ranks"],
-            start_method="spawn",
-        )  # fmt: skip
-    except mp.ProcessExitedException as err:
-        if not (out.exists() and _done(out, err.error_index).exists()):
-            raise
-        note = (
-            f"rank {err.error_index} ended with {err.signal_name or err.exit_code} at its exit, "
-            "after it had finished the run (its figures are complete)"
-        )
-    return json.loads(out.read_text()), time.perf_counter() - start, note
-
-
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The largest absolute difference between two sets of weights of the same names."""
     if a.keys() != b.keys():
         raise ValueError(f"different parameters: {sorted(a.keys() ^ b.keys())}")
     return max((a[name] - b[name]).abs().max().item() for name in a)
-
-
-def _same(values: list[Any]) -> Any:
-    """The value every rank reported, or the list when they differ."""
-    return values[0] if all(v == values[0] for v in values) else values
 
 
 def summarize(
@@ -391,18 +314,12 @@ def summarize(
         row["error"] = f"does not run on the CPU: {' / '.join(sorted(errors))}"
         row["per_rank"] = per_rank
         return row
-    readings = [r["pss_readings_bytes"] for r in per_rank]
-    node = [sum(step) for step in zip(*readings, strict=True)]
     # The node's step: every rank timed the same span between two barriers; the slowest.
     steps = [max(step) for step in zip(*(r["step_s"] for r in per_rank), strict=True)]
     row.update(
-        # The node after each step (the ranks read together), and the largest of those.
-        node_pss_readings_bytes=node,
-        node_pss_bytes=max(node),
-        node_pss_built_bytes=sum(r["pss_built_bytes"] for r in per_rank),
-        # What the training added to the built model, in the same processes (their start-up
-        # noise, a few MiB a process, cancels out).
-        node_pss_change_bytes=max(node) - sum(r["pss_built_bytes"] for r in per_rank),
+        # The node after each step (the ranks read together), the largest of those, and what
+        # the training added to the built model, in the same processes.
+        node_bench.node_pss(per_rank),
         step_s=steps,
         step_s_median=statistics.median(steps[1:]),  # the first step is the warm-up
         setup_s_max=max(r["setup_s"] for r in per_rank),
@@ -411,7 +328,7 @@ def summarize(
     )
     for key in ("policy", "default_policy_error", "shared_by", "host_bytes_shared"):
         if key in per_rank[0]:
-            row[key] = _same([r.get(key) for r in per_rank])
+            row[key] = node_bench.same([r.get(key) for r in per_rank])
     if option == "offload":
         row["owned_params"] = [r["owned_params"] for r in per_rank]
     row["per_rank"] = per_rank
@@ -603,16 +520,10 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    machine_ = report["machine"]
     cols = columns(report["options"])
     table = _by_ranks(report)
     lines = [
-        f"# Data-parallel training of offloaded weights: {machine_['processor']}, "
-        f"{machine_['cpus']} CPUs",
-        "",
-        f"{report['date']}, torch {report['torch']}, Python {report['python']}, "
-        f"{machine_['system']}; `{report['command']}`.",
-        "",
+        *node_bench.heading("Data-parallel training of offloaded weights", report),
         f"{describe(report)}. Each (ranks, option) in fresh processes (gloo on the CPU, "
         "`OMP_NUM_THREADS=1`). Node Pss: the sum over the ranks of their Pss, read together "
         "after each step (shared pages count once for the node); the largest over the steps. "
@@ -645,12 +556,7 @@ def rich_table(report: dict[str, Any]) -> Table:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (memory, step) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    fig, (memory, step) = node_bench.subplots(1, 2, figsize=(11, 4.5))
     for option in (o for o in report["options"] if o in MAIN_OPTIONS):
         rows = [r for r in report["rows"] if r["option"] == option and "error" not in r]
         if not rows:
@@ -660,39 +566,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
         memory.plot(ranks, [r["node_pss_bytes"] / MIB for r in rows], marker="o", label=label)
         step.plot(ranks, [r["step_s_median"] for r in rows], marker="o", label=label)
     for ax in (memory, step):
-        ax.set_xticks(sorted({r["ranks"] for r in report["rows"]}))
-        ax.set_xlabel("ranks on the node")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    memory.set_ylabel("node host memory: sum of the ranks' Pss (MiB)")
+        node_bench.ranks_axis(ax, report)
+    memory.set_ylabel(node_bench.NODE_PSS_LABEL)
     memory.set_title(f"{report['model']['layers_bytes'] / MIB:.0f} MiB of trainable layers, "
                      f"AdamW ({report['backend']})")  # fmt: skip
     step.set_ylabel("step time, median (s)")
     step.set_title(f"{report['machine']['processor']}, {report['machine']['cpus']} CPUs")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    node_bench.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--ranks",
-        type=int,
-        nargs="+",
-        default=[1, 2, 4],
-        help="rank counts, each a fresh set of processes per option (default: 1 2 4)",
-    )
-    parser.add_argument(
-        "--mib", type=float, default=128.0, help="MiB of trainable layers (default: 128)"
-    )
-    parser.add_argument("--layers", type=int, default=32, help="layers (default: 32)")
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="uva")
-    parser.add_argument(
-        "--options",
-        nargs="+",
-        choices=OPTIONS,
-        default=list(OPTIONS),
-        help="which options to run (default: all; the last two are references)",
+    node_bench.add_arguments(
+        parser,
+        backends=BACKENDS,
+        options=OPTIONS,
+        ranks_help="rank counts, each a fresh set of processes per option (default: 1 2 4)",
+        mib_help="MiB of trainable layers (default: 128)",
+        layers_help="layers (default: 32)",
+        options_help="which options to run (default: all; the last two are references)",
     )
     parser.add_argument(
         "--steps",
@@ -708,11 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--steps must be at least 2 (a warm-up step and a timed one)")
     options = [option for option in OPTIONS if option in args.options]
     os.environ["OMP_NUM_THREADS"] = "1"  # the ranks share the cores
-    width, depth = shape_for(args.mib, args.layers)
-    layers = layer_bytes(width, depth)
-    console = Console(width=200) if not sys.stdout.isatty() else Console()
-    console.print(f"{depth} layers of {width} x {width} ({layers / MIB:.1f} MiB), "
-                  f"{args.backend}, ranks {args.ranks}, options {options}")  # fmt: skip
+    width, depth, console = node_bench.begin(args, options)
+    layers = node_bench.layer_bytes(width, depth)
 
     started = time.perf_counter()
     rows = []
@@ -725,7 +614,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "width": width, "depth": depth, "steps": args.steps,
                         "weights_path": str(weights[(ranks, option)])}  # fmt: skip
                 try:
-                    per_rank, wall, exit_note = launch(spec, Path(tmp))
+                    # Rank 0 leaves its trained weights at spec["weights_path"].
+                    out = Path(tmp) / f"ranks-{ranks}-{option}.json"
+                    per_rank, wall, exit_note = node_bench.launch(
+                        measure, spec, out, COLLECTIVE_TIMEOUT
+                    )
                 except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
                     if not option.startswith("fsdp"):
                         raise  # the offload or DDP failing is a bug to see, not a figure
@@ -744,18 +637,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 console.print(f"{ranks} rank(s), {option}: {figure} ({wall:.1f} s)")
         torch.manual_seed(SEED)
-        initial = {n: p.detach() for n, p in TrainStack(width, depth).named_parameters()}
+        initial = {
+            n: p.detach() for n, p in node_bench.LinearStack(width, depth).named_parameters()
+        }
         finish_rows(rows, weights, initial)
         del initial
 
     report: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(
-            ["python", "benchmarks/ddp_train_bench.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
+        **node_bench.report_head("benchmarks/ddp_train_bench.py", argv),
         "backend": args.backend,
         "config": BACKENDS[args.backend],
         "options": options,
@@ -774,12 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console.print(rich_table(report))
     for line in notes(report):
         console.print(line)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "ddp_train-cpu"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    console.print(f"wrote {stem}.json, .md, .png")
+    node_bench.write_outputs(report, args.out / "ddp_train-cpu", markdown, plot, console)
     return report
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import platform
 import re
 import statistics
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from node_bench import save_figure, subplots, write_outputs
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -483,14 +483,9 @@ def rich_table(report: dict[str, Any]) -> Table:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     measured = any(r.get("device_bytes_saved") is not None for r in report["rows"])
     key = "device_bytes_saved" if measured else "offloaded_bytes"
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    fig, ax = subplots(figsize=(8, 5))
     for row in report["rows"]:
         if "skipped" in row or row.get(key) is None:
             continue
@@ -501,8 +496,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("device memory saved (GiB)" if measured else "weights offloaded (GiB)")
     ax.set_title(f"{report['device_name']}, preset {report['preset']}")
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -590,13 +584,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": setup_section(setup_gb, device) if setup_gb > 0 else None,
     }
     console.print(rich_table(report))
-    args.out.mkdir(parents=True, exist_ok=True)
     mode = "-train" if args.train else ""
     stem = args.out / f"offload-{slug(device)}-{preset_name}{mode}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    console.print(f"wrote {stem}.json, .md, .png")
+    write_outputs(report, stem, markdown, plot, console)
     return report
 
 

@@ -53,32 +53,22 @@ against the rank count, one line per option) and prints the table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import math
 import os
-import platform
-import shlex
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import node_bench
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from rich.console import Console
+from node_bench import MIB
 from rich.table import Table
-from torch import nn
 
 from hydra_offload import apply_offload
-from hydra_offload.runtime.host import proc_bytes
 
 RESULTS = Path(__file__).parent / "results"
-MIB = 2**20
 OPTIONS = ("off", "per-rank", "shared")
 OPTION_TITLES = {
     "off": "off (no offload)",
@@ -95,40 +85,6 @@ SEED = 0
 BATCH = 4
 
 
-class FrozenStack(nn.Module):
-    """``depth`` frozen ``Linear(width, width)`` layers (offloaded) and a small head (not)."""
-
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.layers.requires_grad_(False)
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return self.head(x)
-
-
-def shape_for(mib: float, depth: int) -> tuple[int, int]:
-    """``(width, depth)``: ``depth`` square fp32 layers holding about ``mib`` MiB."""
-    width = max(8, round(math.sqrt(mib * MIB / 4 / depth)))
-    return width, depth
-
-
-def layer_bytes(width: int, depth: int) -> int:
-    """The offloaded bytes: every layer's fp32 weight and bias."""
-    return depth * (width * width + width) * 4
-
-
-def pss_bytes() -> int:
-    """This process's proportional set size (``Pss`` of ``/proc/self/smaps_rollup``)."""
-    pss = proc_bytes("/proc/self/smaps_rollup", "Pss")
-    if pss is None:
-        raise RuntimeError("no Pss in /proc/self/smaps_rollup")
-    return pss
-
-
 def config_for(backend: str, option: str) -> dict[str, Any] | None:
     if option == "off":
         return None
@@ -138,13 +94,14 @@ def config_for(backend: str, option: str) -> dict[str, Any] | None:
 def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
     """One rank's figures for one option (the process group is up)."""
     torch.set_num_threads(1)
-    pss_bare = pss_bytes()
+    pss_bare = node_bench.pss_bytes()
     torch.manual_seed(SEED)
-    model = FrozenStack(spec["width"], spec["depth"]).eval()
+    model = node_bench.LinearStack(spec["width"], spec["depth"]).eval()
+    model.layers.requires_grad_(False)  # frozen and offloaded; the head is not offloaded
     x = torch.randn(BATCH, spec["width"], generator=torch.Generator().manual_seed(SEED + 1))
     with torch.no_grad():
         expected = model(x)
-    pss_built = pss_bytes()
+    pss_built = node_bench.pss_bytes()
     config = config_for(spec["backend"], spec["option"])
     dist.barrier()
     start = time.perf_counter()
@@ -158,7 +115,7 @@ def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
             # Every rank reads after the same forward: a page counts in a rank's Pss once the
             # rank has touched it, so the ranks' readings add up only when taken together.
             dist.barrier()
-            readings.append(pss_bytes())
+            readings.append(node_bench.pss_bytes())
             dist.barrier()
     result: dict[str, Any] = {
         "rank": rank,
@@ -171,86 +128,43 @@ def measure(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
         "outputs_equal": equal,
     }
     if handle is not None:
-        stats = handle.stats
-        result.update(
-            offloaded_bytes=stats.offloaded_bytes,
-            host_bytes=stats.host_bytes,
-            host_bytes_shared=stats.host_bytes_shared,
-            shared_by=stats.shared_by,
-            pool_bytes=stats.pool_bytes,
-        )
+        result.update(node_bench.offload_figures(handle))
         dist.barrier()  # every rank has read its memory before any lets go of the weights
         handle.remove()
     return result
 
 
-def worker(index: int, spec: dict[str, Any], port: int, out: str) -> None:
-    world = spec["ranks"]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index),
-        WORLD_SIZE=str(world), LOCAL_RANK=str(index), LOCAL_WORLD_SIZE=str(world),
-    )  # fmt: skip
-    dist.init_process_group("gloo", rank=index, world_size=world)
-    try:
-        mine = measure(index, spec)
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, mine)
-        if index == 0:
-            Path(out).write_text(json.dumps(gathered))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
     """Start ``spec["ranks"]`` fresh processes for one option; their figures, and the
-    launch's wall seconds."""
+    launch's wall seconds. A rank that does not exit cleanly fails the run, even after it
+    finished it."""
     with tempfile.TemporaryDirectory(prefix="shared_host_bench-") as tmp:
-        out = Path(tmp) / "ranks.json"
-        start = time.perf_counter()
-        mp.start_processes(
-            worker, args=(spec, free_port(), str(out)), nprocs=spec["ranks"],
-            start_method="spawn",
-        )  # fmt: skip
-        wall = time.perf_counter() - start
-        return json.loads(out.read_text()), wall
-
-
-def _same(values: list[Any]) -> Any:
-    """The value every rank reported, or the list when they differ."""
-    return values[0] if all(v == values[0] for v in values) else values
+        per_rank, wall, note = node_bench.launch(measure, spec, Path(tmp) / "ranks.json")
+    if note is not None:
+        raise RuntimeError(f"{spec['ranks']} rank(s), {spec['option']}: {note}")
+    return per_rank, wall
 
 
 def summarize(
     ranks: int, option: str, per_rank: list[dict[str, Any]], wall: float, weights: int
 ) -> dict[str, Any]:
     setups = [r["setup_s"] for r in per_rank if r["setup_s"] is not None]
-    readings = [r["pss_readings_bytes"] for r in per_rank]
     row: dict[str, Any] = {
         "ranks": ranks,
         "option": option,
-        # The node after each forward (the ranks read together), and the largest of those.
-        "node_pss_readings_bytes": [sum(step) for step in zip(*readings, strict=True)],
-        "node_pss_bytes": max(sum(step) for step in zip(*readings, strict=True)),
-        "node_pss_built_bytes": sum(r["pss_built_bytes"] for r in per_rank),
+        # The node after each forward (the ranks read together), the largest of those, and
+        # what the offload changed, in the same processes.
+        **node_bench.node_pss(per_rank),
         "setup_s_median": statistics.median(setups) if setups else None,
         "setup_s_max": max(setups) if setups else None,
         "outputs_equal": all(r["outputs_equal"] for r in per_rank),
-        "offloaded_bytes": _same([r.get("offloaded_bytes", 0) for r in per_rank]),
-        "host_bytes_shared": _same([r.get("host_bytes_shared", 0) for r in per_rank]),
-        "shared_by": _same([r.get("shared_by", 1) for r in per_rank]),
-        "pool_bytes": _same([r.get("pool_bytes", 0) for r in per_rank]),
+        "offloaded_bytes": node_bench.same([r.get("offloaded_bytes", 0) for r in per_rank]),
+        "host_bytes_shared": node_bench.same([r.get("host_bytes_shared", 0) for r in per_rank]),
+        "shared_by": node_bench.same([r.get("shared_by", 1) for r in per_rank]),
+        "pool_bytes": node_bench.same([r.get("pool_bytes", 0) for r in per_rank]),
         "launch_wall_s": wall,
         "per_rank": per_rank,
     }
-    # What the offload changed, in the same processes (their start-up noise cancels out).
-    row["node_pss_change_bytes"] = row["node_pss_bytes"] - row["node_pss_built_bytes"]
     if option == "off":
         # Each rank's own part: its Pss less its weights.
         row["non_offloaded_bytes"] = [r["pss_max_bytes"] - weights for r in per_rank]
@@ -316,13 +230,8 @@ def describe(report: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    machine = report["machine"]
     lines = [
-        f"# One host copy per node: {machine['processor']}, {machine['cpus']} CPUs",
-        "",
-        f"{report['date']}, torch {report['torch']}, Python {report['python']}, "
-        f"{machine['system']}; `{report['command']}`.",
-        "",
+        *node_bench.heading("One host copy per node", report),
         f"{describe(report)}. Each (ranks, option) in fresh processes (gloo on the CPU). "
         "Node Pss: the sum over the ranks of their Pss, read together after each forward "
         "(shared pages count once for the node); the largest over the forwards. "
@@ -358,12 +267,7 @@ def rich_table(report: dict[str, Any]) -> Table:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    fig, ax = node_bench.subplots(figsize=(7, 4.5))
     for option in OPTIONS:
         rows = [r for r in report["rows"] if r["option"] == option]
         if not rows:
@@ -376,54 +280,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.plot([r["ranks"] for r in expected],
                 [r["expected_node_bytes"] / MIB for r in expected],
                 linestyle="--", color="grey", label="expected, shared copy")  # fmt: skip
-    ax.set_xticks(sorted({r["ranks"] for r in report["rows"]}))
-    ax.set_xlabel("ranks on the node")
-    ax.set_ylabel("node host memory: sum of the ranks' Pss (MiB)")
+    node_bench.ranks_axis(ax, report)
+    ax.set_ylabel(node_bench.NODE_PSS_LABEL)
     ax.set_title(f"{report['model']['offloaded_bytes'] / MIB:.0f} MiB offloaded "
                  f"({report['backend']}), {report['machine']['processor']}")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def machine() -> dict[str, Any]:
-    memory = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    memory = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {
-        "processor": platform.processor() or platform.machine() or "cpu",
-        "system": platform.platform(),
-        "cpus": os.cpu_count(),
-        "memory_bytes": memory,
-    }
+    node_bench.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--ranks",
-        type=int,
-        nargs="+",
-        default=[1, 2, 4],
-        help="rank counts, each a fresh set of processes (default: 1 2 4)",
-    )
-    parser.add_argument(
-        "--mib", type=float, default=128.0, help="MiB of frozen offloaded weights (default: 128)"
-    )
-    parser.add_argument("--layers", type=int, default=32, help="offloaded layers (default: 32)")
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="uva")
-    parser.add_argument(
-        "--options",
-        nargs="+",
-        choices=OPTIONS,
-        default=list(OPTIONS),
-        help="which options to run (default: all three)",
+    node_bench.add_arguments(
+        parser,
+        backends=BACKENDS,
+        options=OPTIONS,
+        ranks_help="rank counts, each a fresh set of processes (default: 1 2 4)",
+        mib_help="MiB of frozen offloaded weights (default: 128)",
+        layers_help="offloaded layers (default: 32)",
+        options_help="which options to run (default: all three)",
     )
     parser.add_argument(
         "--forwards",
@@ -436,11 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if min(args.ranks) < 1 or args.forwards < 1 or args.layers < 1 or args.mib <= 0:
         parser.error("--ranks, --forwards, --layers and --mib must be positive")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the ranks share the cores
-    width, depth = shape_for(args.mib, args.layers)
-    weights = layer_bytes(width, depth)
-    console = Console(width=200) if not sys.stdout.isatty() else Console()
-    console.print(f"{depth} layers of {width} x {width} ({weights / MIB:.1f} MiB), "
-                  f"{args.backend}, ranks {args.ranks}, options {args.options}")  # fmt: skip
+    width, depth, console = node_bench.begin(args, args.options)
+    weights = node_bench.layer_bytes(width, depth)
 
     started = time.perf_counter()
     rows = []
@@ -457,13 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finish_rows(rows, weights)
 
     report: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(
-            ["python", "benchmarks/shared_host_bench.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
+        **node_bench.report_head("benchmarks/shared_host_bench.py", argv),
         "backend": args.backend,
         "config": BACKENDS[args.backend],
         "forwards": args.forwards,
@@ -477,12 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
     }
     console.print(rich_table(report))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "shared_host-cpu"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    console.print(f"wrote {stem}.json, .md, .png")
+    node_bench.write_outputs(report, args.out / "shared_host-cpu", markdown, plot, console)
     return report
 
 
