@@ -215,32 +215,41 @@ def trainable_stack() -> nn.Sequential:
     return nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
 
 
-@pytest.mark.parametrize("backend", ["prefetch", "uva"])
-def test_in_a_group_of_one_training_equals_training_without_offload(group_of_one, backend):
-    config = CONFIGS[backend]
-    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
-    models = []
+def train_with_and_without_offload(
+    group: object, backend: str, device: str = "cpu", clip: float | None = None
+) -> tuple[list[nn.Module], str | None]:
+    """The same 3 AdamW steps without and with offload in ``group``; the two models, and
+    the UVA backend's mode."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2)).to(device)
+    models, mode = [], None
     for offloaded in (False, True):
-        model = trainable_stack()
+        model = trainable_stack().to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        handle = apply_offload(model, config, process_group=group_of_one) if offloaded else None
+        handle = apply_offload(model, CONFIGS[backend], process_group=group) if offloaded else None
         if handle is not None:
             assert handle.partition is not None
             assert handle.partition.world == 1
+            mode = getattr(handle._installed, "mode", None)
         for _ in range(3):
             optimizer.zero_grad()
             model(x).square().mean().backward()
-            if handle is not None:
-                norm = handle.clip_grad_norm_(model.parameters(), 0.1)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-            assert float(norm) > 0.1  # it clips
+            if clip is not None:
+                clipping = (
+                    torch.nn.utils.clip_grad_norm_ if handle is None else handle.clip_grad_norm_
+                )
+                assert float(clipping(model.parameters(), clip)) > clip  # it clips
             optimizer.step()
         if handle is not None:
             handle.gather_optimizer_state(optimizer)
             handle.remove()
         models.append(model)
-    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+    return models, mode
+
+
+@pytest.mark.parametrize("backend", ["prefetch", "uva"])
+def test_in_a_group_of_one_training_equals_training_without_offload(group_of_one, backend):
+    (plain, offloaded), _ = train_with_and_without_offload(group_of_one, backend, clip=0.1)
+    for a, b in zip(plain.parameters(), offloaded.parameters(), strict=True):
         assert torch.allclose(a, b, atol=TOLERANCE)
 
 
@@ -283,26 +292,9 @@ def test_cuda_training_in_an_nccl_group_matches_training_without_offload(
 ):
     """The NCCL path: each gradient reduced on the communicator's stream, the copy to host
     memory waiting for it on the gradient stream (not on the host); UVA trains in copy mode."""
-    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2)).cuda()
-    models = []
-    for offloaded in (False, True):
-        model = trainable_stack().cuda()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        handle = None
-        if offloaded:
-            handle = apply_offload(model, CONFIGS[backend], process_group=nccl_group_of_one)
-            assert handle.partition is not None
-            if backend == "uva":
-                assert handle._installed.mode == "copy"
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-            optimizer.step()
-        if handle is not None:
-            handle.gather_optimizer_state(optimizer)
-            handle.remove()
-        models.append(model)
-    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+    (plain, offloaded), mode = train_with_and_without_offload(nccl_group_of_one, backend, "cuda")
+    assert mode == ("copy" if backend == "uva" else None)
+    for a, b in zip(plain.parameters(), offloaded.parameters(), strict=True):
         assert a.is_cuda
         assert b.is_cuda
         assert torch.allclose(a, b, atol=1e-5)

@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 
 import torch
+from ddp_shared import Memory  # the frozen-layer runs' Pss readings (a module of this folder)
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hydra_offload import OffloadCallback
-from hydra_offload.runtime.host import proc_bytes
 
 OPTIONS = {
     "none": None,
@@ -100,21 +100,6 @@ class Stack(LightningModule):
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"},
             }
         return optimizer
-
-
-def pss_bytes() -> int:
-    pss = proc_bytes("/proc/self/smaps_rollup", "Pss")
-    if pss is None:
-        raise RuntimeError("no Pss in /proc/self/smaps_rollup")
-    return pss
-
-
-class Memory(Callback):
-    def __init__(self) -> None:
-        self.readings: list[int] = []
-
-    def on_train_batch_end(self, *args) -> None:
-        self.readings.append(pss_bytes())
 
 
 def data(width: int, samples: int = 16) -> DataLoader:
