@@ -17,14 +17,21 @@ set the job returns the figure it names, for the sweeper to minimize.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hydra
 from omegaconf import DictConfig
 
-from hydra_offload.integrations.job import JobResult, run_job
+if TYPE_CHECKING:
+    from hydra_offload.integrations.job import JobResult
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> JobResult:
+    # Imported here, not above: torch and Lightning take seconds to import, and the offload
+    # group's checks at job start (a bad key or value: one line, exit status 2) come first.
+    from hydra_offload.integrations.job import run_job
+
     return run_job(cfg)
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
+import multiprocessing.process
 import os
 import pickle
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from hydra_offload import (
     plan_offload,
     to_offload_config,
 )
+from hydra_offload._warnings import warn_at_caller
 from hydra_offload.integrations import lightning as lightning_integration
 from hydra_offload.integrations.lightning import PLAN_FILE
 from hydra_offload.integrations.sweep import COLUMNS
@@ -908,9 +912,11 @@ def test_host_memory_is_checked_for_every_device_against_one_reading_before_offl
         events.append("read")
         return available[0]
 
-    def all_gather(tensor, *args, **kwargs):
+    real_exchange = lightning_integration._exchange_readings
+
+    def exchange(trainer, reading):
         events.append("exchange")
-        return tensor
+        return real_exchange(trainer, reading)
 
     applied: list[dict] = []
     real_apply = lightning_integration.apply_offload
@@ -922,8 +928,8 @@ def test_host_memory_is_checked_for_every_device_against_one_reading_before_offl
 
     monkeypatch.setattr(offload, "available_host_bytes", read_host_memory)
     monkeypatch.setattr(lightning_integration, "apply_offload", apply_offload)
+    monkeypatch.setattr(lightning_integration, "_exchange_readings", exchange)
     refused = trainer(OffloadCallback(PREFETCH))
-    monkeypatch.setattr(refused.strategy, "all_gather", all_gather)
     with pytest.raises(OffloadError) as error:
         refused.fit(lit, tokens())
     assert f"in each of the {devices} processes on this node" in str(error.value)
@@ -1206,3 +1212,32 @@ def test_a_plan_warning_is_given_once_for_the_fit_and_the_stages_after_it():
     assert len(plan_warnings) == 1, [str(w.message) for w in plan_warnings]
     assert "saves" in str(plan_warnings[0].message)
     assert plan_warnings[0].filename == __file__  # still at the user's line
+
+
+def test_in_a_process_a_launcher_started_the_cpu_notice_is_logged_not_pointed_at_its_bootstrap():
+    """Under ddp_spawn no frame of the user's is on the stack (the bottom is
+    multiprocessing's bootstrap): the notice goes to the fallback (the callback's log) rather
+    than to a warning attributed to the standard library. Here a thread whose only frames
+    are the standard library's stands in for the spawned process."""
+    logged: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    call = functools.partial(warn_at_caller, "the notice", UserWarning, fallback=logged.append)
+    bootstrap = compile("call()", multiprocessing.process.__file__, "exec")
+
+    def in_thread() -> None:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            thread = threading.Thread(target=exec, args=(bootstrap, {"call": call}))
+            thread.start()
+            thread.join()
+        caught.extend(seen)
+
+    in_thread()
+    assert logged == ["the notice"]
+    assert caught == []
+    # From the user's own code it stays a warning pointing at the user's line.
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warn_at_caller("the notice", UserWarning, fallback=logged.append)  # the user's line
+    assert [w.filename for w in seen] == [__file__]
+    assert logged == ["the notice"]

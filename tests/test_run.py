@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,35 @@ def test_an_optuna_study_the_job_cannot_serve_stops_at_once_with_one_line(
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == expected
     assert not list((tmp_path / "sweep").glob("*/job_summary.json"))
+
+
+FAST_FAILURES = [
+    ["offload=prefetch", "offload.prefetch.offload_num_in_group=3"],  # a cross-field rule
+    ["offload=uva", "offload.uva.cpu_offload_gb=-1"],  # a value
+    ["offload=prefetch", "offload.prefetch.offload_group_size=abc"],  # a type, at compose time
+    ["offload=prefetch", "offload.prefetch.offload_group_sizes=2"],  # an unknown key
+]
+
+
+@pytest.mark.parametrize("overrides", FAST_FAILURES, ids=lambda o: o[-1])
+def test_a_bad_setting_is_reported_before_torch_or_lightning_is_imported(tmp_path, overrides):
+    result = run(tmp_path, *overrides, PYTHONPROFILEIMPORTTIME="1")
+    assert result.returncode != 0
+    assert "offload." in result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "torch" not in imported
+    assert "lightning" not in imported
+
+
+def test_the_error_line_comes_in_under_half_the_time_torch_and_lightning_take_to_import(
+    tmp_path,
+):
+    def seconds(*command: str) -> float:
+        started = time.perf_counter()
+        subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=300)
+        return time.perf_counter() - started
+
+    imports = min(seconds(sys.executable, "-c", "import torch, lightning.pytorch") for _ in "ab")
+    bad = [str(ROOT / "run.py"), "offload=uva", "offload.uva.cpu_offload_gb=-1"]
+    error = min(seconds(sys.executable, *bad, f"hydra.run.dir={tmp_path}") for _ in "ab")
+    assert error < imports / 2, f"{error:.2f} s to the error, {imports:.2f} s for the imports"

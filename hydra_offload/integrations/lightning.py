@@ -356,11 +356,12 @@ class OffloadCallback(Callback):
         device = trainer.strategy.root_device
         if device.type == "cpu" and not self._warned_cpu:
             self._warned_cpu = True
-            if trainer.is_global_zero:
+            if trainer.is_global_zero:  # in a spawned process: said once, in the log
                 warn_at_caller(
                     "OffloadCallback: the compute device is the CPU, so offloading saves no "
                     "memory here; the offload mechanism still runs (useful for testing).",
                     UserWarning,
+                    fallback=_info,
                 )
         apply_precision(trainer.precision_plugin, pl_module, device)
         available = self._host_bytes_before_offloading(trainer)
@@ -414,15 +415,9 @@ class OffloadCallback(Callback):
         on each), and what is refused before (trainable offloaded weights under DDP) is
         refused on all. With one process the exchange returns the reading as it is.
         """
-        reading = _offload.available_host_bytes()
-        mine = torch.tensor(
-            -1 if reading is None else reading,
-            dtype=torch.int64,
-            device=trainer.strategy.root_device,
-        )
-        readings = trainer.strategy.all_gather(mine)
-        known = readings[readings >= 0]
-        return int(known.min()) if known.numel() else None
+        readings = _exchange_readings(trainer, _offload.available_host_bytes())
+        known = [reading for reading in readings if reading is not None]
+        return min(known) if known else None
 
     def _unpatch(self) -> None:
         if self._patched is not None:
@@ -676,6 +671,18 @@ class OffloadCallback(Callback):
                 "OffloadCallback: resuming with a different offload config than the checkpoint "
                 "was written with; the weights are unaffected."
             )
+
+
+def _exchange_readings(trainer: Trainer, reading: int | None) -> list[int | None]:
+    """Every rank's ``reading`` (a collective of the data-parallel group: every rank gets
+    all of them), or this rank's alone outside one. ``torch.distributed``'s own object
+    gather, not the strategy's ``all_gather`` (its autograd-aware gather is deprecated)."""
+    group = _data_parallel_group(trainer)
+    if group is None:
+        return [reading]
+    readings: list[int | None] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(readings, reading, group=group)
+    return readings
 
 
 def _data_parallel_group(trainer: Trainer) -> Any:

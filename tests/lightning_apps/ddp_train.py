@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -232,6 +233,9 @@ def fail(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    # The project calls no deprecated API of its own (Lightning's and torch's own calls aside).
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("error", category=category, module=r"hydra_offload(\.|$)")
     out, what = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
     if what == "memory":
