@@ -5,7 +5,8 @@
     python run.py offload=uva offload.uva.cpu_offload_gb=0.01 mode=fit
     python run.py model=llama_7b_meta offload=prefetch     # plan only: the model is on meta
     python run.py +dry_run=true offload=prefetch           # plan only, any model
-    python run.py -m offload=none,uva,prefetch offload.prefetch.offload_group_size=2,4
+    python run.py -m offload=none,uva,prefetch                 # a sweep: 3 jobs
+    python run.py -m offload=prefetch offload.prefetch.offload_group_size=2,4,8
     python run.py -m hydra/sweeper=optuna objective=step_time offload=prefetch \
         'offload.prefetch.offload_group_size=range(2,5)'   # an Optuna study
 

@@ -372,3 +372,27 @@ def test_the_error_line_comes_in_under_half_the_time_torch_and_lightning_take_to
     bad = [str(ROOT / "run.py"), "offload=uva", "offload.uva.cpu_offload_gb=-1"]
     error = min(seconds(sys.executable, *bad, f"hydra.run.dir={tmp_path}") for _ in "ab")
     assert error < imports / 2, f"{error:.2f} s to the error, {imports:.2f} s for the imports"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["offload=none", "offload.prefetch.offload_group_size=4"],
+        ["-m", "offload=none,prefetch", "offload.prefetch.offload_group_size=4"],
+        ["offload=none", "offload.uva.cpu_offload_gb=1"],
+    ],
+    ids=["run", "sweep", "uva"],
+)
+def test_offload_none_with_another_options_keys_is_refused_in_one_line(tmp_path, overrides):
+    """``none`` means no offload: a job that would run prefetch (or UVA) under the name
+    ``none`` (a sweep crossing ``none`` with prefetch's keys did) is refused instead."""
+    result = run(tmp_path, *overrides)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    backend = "uva" if "uva" in overrides[-1] else "prefetch"
+    assert_line(
+        line,
+        f"error: offload: offload=none means no offload, but {overrides[-1]} turns {backend} "
+        f"on; drop that, or choose offload={backend} ... and run offload=none apart)",
+    )
+    assert not (tmp_path / "run" / "job_summary.json").exists()

@@ -129,6 +129,9 @@ class OffloadJobCallback(Callback):
                 continue
             except Exception:  # e.g. an interpolation only the task can resolve
                 continue  # (a resolver it registers): the task will find what is wrong
+            if option == "none" and offload.resolved_backend != "none":
+                problems.append((key, _none_turned_on(config, key, offload.resolved_backend)))
+                continue
             if offload.resolved_backend != "none":
                 self._selected.append(_Selected(key, group, option, offload.resolved_backend))
         if problems and not _searching_sweep(config):
@@ -196,6 +199,20 @@ def _group_nodes(config: DictConfig) -> list[tuple[str, str, str]]:
             continue
         nodes.append((package or GROUP, str(name), str(option)))
     return nodes
+
+
+def _none_turned_on(config: DictConfig, key: str, backend: str) -> str:
+    """The one line refusing an ``offload=none`` node whose other settings (overrides, or a
+    sweep crossing ``none`` with another option's keys) turn ``backend`` on: ``none`` means no
+    offload, and running ``backend`` under its name would mislabel the run."""
+    task = OmegaConf.select(config, "hydra.overrides.task") or []
+    given = [str(o) for o in task if str(o).lstrip("+~").startswith(f"{key}.")]
+    settings = " ".join(given) if given else f"the {key} node's settings"
+    return (
+        f"offload=none means no offload, but {settings} turns {backend} on; drop that, or "
+        f"choose offload={backend} (in a sweep, give each option's keys to its own run, e.g. "
+        f"-m offload={backend} {key}.{backend}.<key>=a,b, and run offload=none apart)"
+    )
 
 
 def _searching_sweep(config: DictConfig) -> bool:
