@@ -325,7 +325,7 @@ def test_hash_changes_when_any_field_changes():
     assert len(digests) == len(CHANGES) + 1
 
 
-# compute_hash() of these settings, computed once: the README promises the same digest in
+# compute_hash() of these settings, computed once: the docs promise the same digest in
 # every process and Python version, and plans and Lightning checkpoints record it. A change of
 # the hash format must change the schema version in the payload, and these values with it.
 PINNED_HASHES = [
@@ -356,7 +356,7 @@ PINNED_HASHES = [
         "bb414dda687ffd5d9c4580bde7e0f19dea64f2d14384f55339e3602d5e29f678",
         id="prefetch-params-and-layers",
     ),
-    pytest.param(  # the run summary shown in the README
+    pytest.param(  # the run summary shown in README.md and docs/getting-started.md
         {"offload_backend": "prefetch", "prefetch": {"offload_group_size": 8}},
         "ef5febca912589a4bc0f7632ffcb52b04b61cc700bd91b935177c2438e0df66e",
         id="readme-run",
