@@ -268,3 +268,57 @@ def test_the_plugin_does_not_load_torch_into_every_hydra_app():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["False", "False"]
+
+
+STRUCTURED_APP = """
+from dataclasses import dataclass, field
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class Config:
+    defaults: list = field(default_factory=lambda: ["_self_", {{"offload": "prefetch"}}])
+    lr: float = 0.1
+{declaration}
+
+ConfigStore.instance().store(name="config", node=Config)
+
+
+@hydra.main(version_base="1.3", config_name="config", config_path=None)
+def main(cfg) -> None:
+    print("offload_group_size", cfg.offload.prefetch.offload_group_size)
+
+
+main()
+"""
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["undeclared", "declared"])
+def test_a_structured_config_without_an_offload_field_gets_one_line_saying_what_to_declare(
+    tmp_path, declared
+):
+    app = tmp_path / "app.py"
+    declaration = "    offload: Any = None" if declared else ""
+    app.write_text(STRUCTURED_APP.format(declaration=declaration))
+    result = subprocess.run(
+        [sys.executable, str(app), f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if declared:
+        assert result.returncode == 0, result.stderr
+        assert "offload_group_size 2" in result.stdout
+        return
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[0] == (
+        "the primary config Config (a structured config) has no field 'offload' for the "
+        "offload group to fill: declare `offload: Any = None` in it (hydra-zen: "
+        "make_config(offload=None, ...))"
+    )
+    assert "hydra_offload_schema" not in result.stderr
+    assert lines[1:] == [
+        "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+    ]

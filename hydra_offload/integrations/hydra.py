@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import field, fields, is_dataclass, make_dataclass
@@ -187,6 +188,47 @@ OffloadSchema = _schema_of(OffloadConfig)
 """Compose-time types of the ``offload`` node (see :class:`OffloadConfig`). ``layers`` is
 typed ``Any`` because OmegaConf has no union of a string and a list; its value is checked by
 :func:`to_offload_config`."""
+
+
+_MISSING_FIELD = re.compile(
+    rf"^In '{SCHEMA_NAME}': ConfigKeyError raised while composing config:\n"
+    r"Key '(?P<key>[^']+)' not in '(?P<owner>[^']+)'"
+)
+
+
+def explain_missing_offload_field() -> None:
+    """Make the error of an app whose structured primary config (a dataclass in the
+    ConfigStore, a hydra-zen ``make_config``) has no field for the ``offload`` group one line
+    that says what to declare, instead of Hydra's composition error naming this package's
+    hidden schema (idempotent; the plugin calls it).
+
+    Hydra merges each group option into the primary config; a structured config refuses a key
+    it does not declare. Only that error, raised while merging the schema, is reworded; every
+    other passes as it is.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import ConfigCompositionException
+
+    compose = ConfigLoaderImpl._compose_config_from_defaults_list
+    if getattr(compose, "_explains_missing_offload_field", False):
+        return
+
+    def compose_or_explain(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return compose(self, *args, **kwargs)
+        except ConfigCompositionException as err:
+            found = _MISSING_FIELD.match(str(err))
+            if found is None:
+                raise
+            key, owner = found["key"], found["owner"]
+            raise ConfigCompositionException(
+                f"the primary config {owner} (a structured config) has no field '{key}' for "
+                f"the offload group to fill: declare `{key}: Any = None` in it (hydra-zen: "
+                f"make_config({key}=None, ...))"
+            ) from None
+
+    compose_or_explain._explains_missing_offload_field = True  # type: ignore[attr-defined]
+    ConfigLoaderImpl._compose_config_from_defaults_list = compose_or_explain  # type: ignore[method-assign]
 
 
 def register_configs() -> None:

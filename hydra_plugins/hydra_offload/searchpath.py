@@ -10,9 +10,10 @@ files to the config search path.
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from hydra_offload.integrations.hydra import register_configs
+from hydra_offload.integrations.hydra import explain_missing_offload_field, register_configs
 
 register_configs()
+explain_missing_offload_field()
 
 
 class HydraOffloadSearchPathPlugin(SearchPathPlugin):
