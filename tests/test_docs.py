@@ -155,3 +155,19 @@ def test_the_layout_names_every_module_of_the_package():
         or (path.parent.name != "models" and path.name not in layout)
     ]
     assert missing == []
+
+
+def test_no_code_imports_a_test_helper_as_tests_dot_module():
+    """An installed package that ships a top-level ``tests`` (rootutils, a dependency of
+    lightning-hydra-template, does) would shadow this repository's: helpers are imported by
+    path (``importlib.util.spec_from_file_location``), never as ``tests.<module>``, neither
+    in the code nor in the code a test hands to a fresh process."""
+    pattern = re.compile(r"\b(?:from|import)\s+tests\b")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for folder in ("tests", "examples", "benchmarks")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
