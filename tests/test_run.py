@@ -396,3 +396,23 @@ def test_offload_none_with_another_options_keys_is_refused_in_one_line(tmp_path,
         f"on; drop that, or choose offload={backend} ... and run offload=none apart)",
     )
     assert not (tmp_path / "run" / "job_summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_clean_job_calls_no_deprecated_api(tmp_path):
+    """The project's own calls into Lightning, torch, Hydra... are not deprecated: run.py's
+    job with deprecation warnings attributed to the project's modules turned into errors
+    (Lightning's and torch's warnings about their own internals are theirs)."""
+    code = (
+        "import runpy, sys, warnings\n"
+        "for category in (DeprecationWarning, FutureWarning):\n"
+        "    warnings.filterwarnings('error', category=category, module=r'hydra_offload(\\.|$)')\n"
+        f"sys.argv = {[str(ROOT / 'run.py'), *SMALL, 'offload=prefetch', 'mode=fit']!r} + "
+        f"['hydra.run.dir={tmp_path / 'run'}']\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Run summary" in result.stdout
