@@ -1,11 +1,11 @@
 """The package's import graph: no cycle, and the layers import only inward.
 
-The layers, innermost first (README, "Layout"):
+The layers, innermost first (docs/contributing.md, "Layout"):
 
 - core: the config, selection, layer stacks, the plan and its schedule, statistics,
   ``apply_offload``, the backends, the runtime and the weight adapters. It knows nothing of
   Hydra, Lightning, rendering, tuning or the demo models.
-- ``render``: rich tables of plans and statistics.
+- ``render``: rich tables of plans and statistics; ``pictures``: matplotlib pictures of plans.
 - ``tuning``: the step-time simulator, the settings search, measurements.
 - ``integrations``: Hydra, Lightning, sweeps, ``run.py``'s job.
 
@@ -45,15 +45,23 @@ CORE = (
 """Module names (or subpackages) under ``hydra_offload`` that make up the core."""
 
 OUTER = {
-    "render": ("integrations", "tuning", "models"),
+    "render": ("integrations", "tuning", "models", "pictures"),
+    "pictures": ("integrations", "tuning", "models", "render"),
     "tuning": ("integrations",),
 }
 """What each outer layer must not import (besides what the core must not)."""
 
-NOT_IN_CORE = ("render", "tuning", "integrations", "models")
+NOT_IN_CORE = ("render", "pictures", "tuning", "integrations", "models")
 """The package's own modules the core must not import."""
 
-THIRD_PARTY_NOT_IN_CORE = ("hydra", "lightning", "pytorch_lightning", "rich", "omegaconf")
+THIRD_PARTY_NOT_IN_CORE = (
+    "hydra",
+    "lightning",
+    "pytorch_lightning",
+    "rich",
+    "omegaconf",
+    "matplotlib",
+)
 """Libraries the core must not import. One exception: ``config`` reads OmegaConf nodes in
 :func:`~hydra_offload.config.to_offload_config`, importing omegaconf inside that function."""
 

@@ -5,7 +5,10 @@ The job validates ``offload`` first (one clear line and exit status 2 when it is
 runs ``predict`` (or ``fit`` with ``mode=fit``) with Lightning's progress bar, and ends with
 a summary: the resolved config and its hash, the plan, peak device memory, time per step and
 host-to-device throughput. It also writes the figures to ``job_summary.json`` for
-:class:`~hydra_offload.integrations.sweep.SweepSummary`.
+:class:`~hydra_offload.integrations.sweep.SweepSummary`. A job that only plans (``+dry_run=true``,
+or a model on the ``meta`` device) writes the plan's picture, ``offload_plan.png``
+(:mod:`hydra_offload.pictures`), into the Hydra output directory; a job that runs has the
+callback write it there, with ``offload_plan.txt``.
 
 With ``objective`` set (``step_time``, ``peak_memory`` or a list of both) the job returns
 that figure (a list for several) instead of its summary, for a sweeper that minimizes what
@@ -36,10 +39,11 @@ from rich.table import Table
 from hydra_offload._applied import note_applied
 from hydra_offload.config import OffloadConfig, OffloadConfigError, to_offload_config
 from hydra_offload.integrations.lightning import OffloadCallback
-from hydra_offload.integrations.sweep import write_job_summary
+from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.integrations.trial import InfeasibleTrial
 from hydra_offload.models import LitDecoderLM, random_tokens
 from hydra_offload.offload import OffloadError
+from hydra_offload.pictures import PLAN_PICTURE, save_plan_picture
 from hydra_offload.plan import plan_offload
 from hydra_offload.render import format_bytes, render_plan, render_stats
 from hydra_offload.stacks import LayerStackError
@@ -386,6 +390,9 @@ def _plan_only(cfg: DictConfig, offload: OffloadConfig, console: Console) -> dic
     except LayerStackError as err:
         fail(str(err))
     console.print(render_plan(plan))
+    folder = job_output_dir()
+    if folder is not None:
+        console.print(f"plan picture: {save_plan_picture(plan, folder / PLAN_PICTURE)}")
     note_applied()  # planning only is what a dry run asks for: not a forgotten callback
     return {"backend": plan.backend, "device_bytes_saved": plan.device_bytes_saved}
 

@@ -41,8 +41,11 @@ What it reports, on rank zero only:
 - The validated config (not the Hydra interpolation that built it) as hyperparameters of the
   Trainer's loggers, under ``offload``.
 - Its statistics as metrics of the Trainer's loggers (``offload/...``).
-- Inside a Hydra job (one with an output directory), two files in the job's output
-  directory: ``offload_plan.txt`` (the plan last shown) and ``job_summary.json`` (backend,
+- The plan's picture (:mod:`hydra_offload.pictures`) as an image of each of the Trainer's
+  loggers that takes images (TensorBoard, W&B, MLflow), whenever the plan is shown.
+- Inside a Hydra job (one with an output directory), three files in the job's output
+  directory: ``offload_plan.txt`` and ``offload_plan.png`` (the plan last shown, as text and
+  as a picture) and ``job_summary.json`` (backend,
   config hash, device, peak device memory on CUDA, device bytes saved, time per step, ...,
   the format :class:`~hydra_offload.integrations.sweep.SweepSummary` gathers at the end of a
   multirun).
@@ -58,7 +61,8 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -85,15 +89,23 @@ from hydra_offload.integrations.precision import (
 from hydra_offload.integrations.strategies import check_strategy
 from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.offload import OffloadHandle, OffloadStats, apply_offload
+from hydra_offload.pictures import PLAN_PICTURE, figure_pixels, plan_figure
 from hydra_offload.plan import OffloadPlan, OffloadPlanWarning
 from hydra_offload.weights import ModulePatch
 
-__all__ = ["PLAN_FILE", "OffloadCallback"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["PLAN_FILE", "PLAN_IMAGE_TAG", "PLAN_PICTURE", "OffloadCallback"]
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "offload_plan.txt"
 """The plan's text, written into the Hydra job's output directory."""
+
+PLAN_IMAGE_TAG = "offload/plan"
+"""The name the plan's picture is logged under (TensorBoard's tag, W&B's key); MLflow takes it
+as the artifact :data:`~hydra_offload.pictures.PLAN_PICTURE`."""
 
 _STAGE_FN = {
     "fit": TrainerFn.FITTING,
@@ -497,6 +509,32 @@ class OffloadCallback(Callback):
         folder = job_output_dir()
         if folder is not None:
             (folder / PLAN_FILE).write_text(text + "\n")
+        self._show_picture(trainer, plan, folder)
+
+    def _show_picture(self, trainer: Trainer, plan: OffloadPlan, folder: Path | None) -> None:
+        """The plan's picture (:func:`~hydra_offload.pictures.plan_figure`): written next to
+        :data:`PLAN_FILE` inside a Hydra job, and logged to each of the Trainer's loggers that
+        takes images (:func:`_picture_sink`); drawn only when one of them wants it. A logger
+        that fails to take it gets a warning on this module's logger; the stage goes on."""
+        sinks: list[tuple[Logger, Callable[[Figure], None]]] = []
+        for logger in trainer.loggers:
+            try:
+                sink = _picture_sink(logger, trainer.global_step)
+            except Exception as err:  # a report must not end the stage
+                _picture_not_logged(logger, err)
+                continue
+            if sink is not None:
+                sinks.append((logger, sink))
+        if folder is None and not sinks:
+            return
+        figure = plan_figure(plan)
+        if folder is not None:
+            figure.savefig(folder / PLAN_PICTURE, dpi=110)
+        for logger, sink in sinks:
+            try:
+                sink(figure)
+            except Exception as err:
+                _picture_not_logged(logger, err)
 
     def _send_hparams(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
@@ -671,6 +709,40 @@ class OffloadCallback(Callback):
                 "OffloadCallback: resuming with a different offload config than the checkpoint "
                 "was written with; the weights are unaffected."
             )
+
+
+def _picture_sink(logger: Logger, step: int) -> Callable[[Figure], None] | None:
+    """How ``logger`` takes the plan's picture, or ``None`` where it takes no images.
+
+    Duck-typed, so no logger's library is imported here: a ``log_image(key, images, step)``
+    method (W&B's ``WandbLogger``) gets the picture as an RGB array under
+    :data:`PLAN_IMAGE_TAG`; an ``experiment`` with ``add_figure`` (TensorBoard's
+    ``SummaryWriter``) gets the figure under that tag at ``step``; an ``experiment`` with
+    ``log_figure`` and a ``run_id`` (MLflow's client) gets it as the artifact
+    :data:`~hydra_offload.pictures.PLAN_PICTURE`. Any other logger (``CSVLogger``) is skipped.
+    """
+    log_image = getattr(logger, "log_image", None)
+    if callable(log_image):
+        return lambda figure: log_image(
+            key=PLAN_IMAGE_TAG, images=[figure_pixels(figure)], step=step
+        )
+    experiment = logger.experiment
+    add_figure = getattr(experiment, "add_figure", None)
+    if callable(add_figure):
+        return lambda figure: add_figure(PLAN_IMAGE_TAG, figure, global_step=step, close=False)
+    run_id = getattr(logger, "run_id", None)
+    log_figure = getattr(experiment, "log_figure", None)
+    if run_id is not None and callable(log_figure):
+        return lambda figure: log_figure(run_id, figure, PLAN_PICTURE)
+    return None
+
+
+def _picture_not_logged(logger: Logger, err: Exception) -> None:
+    log.warning(
+        "OffloadCallback: could not log the plan's picture to %s: %s",
+        type(logger).__name__,
+        _error_line(err),
+    )
 
 
 def _exchange_readings(trainer: Trainer, reading: int | None) -> list[int | None]:
