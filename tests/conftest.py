@@ -37,3 +37,20 @@ def simulated() -> Iterator[SimulatedDevice]:
     """The simulated device (see :mod:`hydra_offload.runtime.simulated`)."""
     with SimulatedDevice() as device:
         yield device
+
+
+@pytest.fixture
+def hydra_job(tmp_path):
+    """A Hydra job in this process, its output directory ``tmp_path / "job"``, as
+    ``hydra.main`` sets it up for the task function."""
+    from hydra import compose, initialize
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize(version_base="1.3", config_path=None):
+        cfg = compose(overrides=[], return_hydra_config=True)
+    output_dir = tmp_path / "job"
+    output_dir.mkdir()
+    cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    yield output_dir
+    HydraConfig.instance().cfg = None

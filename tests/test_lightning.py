@@ -763,23 +763,6 @@ def test_the_validated_config_is_logged_as_hyperparameters_once_per_logger(tmp_p
     assert "${" not in (Path(logger.log_dir) / "hparams.yaml").read_text()
 
 
-@pytest.fixture
-def hydra_job(tmp_path):
-    """A Hydra job in this process, its output directory ``tmp_path / "job"``, as
-    ``hydra.main`` sets it up for the task function."""
-    from hydra import compose, initialize
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize(version_base="1.3", config_path=None):
-        cfg = compose(overrides=[], return_hydra_config=True)
-    output_dir = tmp_path / "job"
-    output_dir.mkdir()
-    cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    yield output_dir
-    HydraConfig.instance().cfg = None
-
-
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

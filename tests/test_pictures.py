@@ -346,22 +346,6 @@ def test_a_logger_that_fails_to_take_the_picture_warns_and_the_stage_goes_on(cap
     assert "could not log the plan's picture to Broken: RuntimeError: no space left" in caplog.text
 
 
-@pytest.fixture
-def hydra_job(tmp_path):
-    """A Hydra job in this process, its output directory ``tmp_path / "job"``."""
-    from hydra import compose, initialize
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize(version_base="1.3", config_path=None):
-        cfg = compose(overrides=[], return_hydra_config=True)
-    output_dir = tmp_path / "job"
-    output_dir.mkdir()
-    cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    yield output_dir
-    HydraConfig.instance().cfg = None
-
-
 def test_in_a_hydra_job_the_callback_writes_the_picture_next_to_the_plan(hydra_job):
     predict(OffloadCallback(PREFETCH), False)
     assert (hydra_job / PLAN_FILE).read_text().startswith("Offload plan: prefetch")
