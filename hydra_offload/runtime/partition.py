@@ -187,7 +187,12 @@ class Partition:
         if self.comm is not None:
             import torch.distributed as dist
 
-            dist.barrier(group=self.comm)
+            if self.device.type == "cuda":  # NCCL: name the device, or it guesses one
+                index = self.device.index
+                device = index if index is not None else torch.cuda.current_device()
+                dist.barrier(group=self.comm, device_ids=[device])
+            else:
+                dist.barrier(group=self.comm)
 
     def node_sum(self, value: float) -> float:
         """The sum of ``value`` over the processes of this node, the same on each of them
