@@ -65,7 +65,12 @@ def test_mkdocs_build_strict_passes(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "site" / "api" / "index.html").is_file()
+    site = tmp_path / "site"
+    assert (site / "api" / "index.html").is_file()
+    # The build draws the main job's plan (docs/overrides/hooks.py), and a page shows it.
+    assert (site / "img" / "offload_plan.png").read_bytes()[:4] == b"\x89PNG"
+    page = (site / "getting-started" / "index.html").read_text(encoding="utf-8")
+    assert "../img/offload_plan.png" in page
 
 
 def test_every_page_of_the_docs_folder_is_in_the_nav():

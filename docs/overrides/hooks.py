@@ -1,0 +1,44 @@
+"""MkDocs hooks of the docs build: the pictures the pages show, made from the project itself.
+
+``img/offload_plan.png`` is the plan of the main job the pages run
+(``python run.py offload=prefetch offload.prefetch.offload_group_size=8``): its config is
+composed from ``conf/`` as ``run.py`` composes it, the module is built on the meta device (a
+plan reads shapes only) and :func:`hydra_offload.pictures.save_plan_picture` draws it, at
+every build, so the picture cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PLAN_OVERRIDES = ["offload=prefetch", "offload.prefetch.offload_group_size=8"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main_job_plan_png() -> bytes:
+    """The PNG of the main job's plan with :data:`PLAN_OVERRIDES`."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from hydra_offload import plan_offload
+    from hydra_offload.models import LitDecoderLM
+    from hydra_offload.pictures import save_plan_picture
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(config_name="config", overrides=PLAN_OVERRIDES)
+    with torch.device("meta"):
+        module = LitDecoderLM(instantiate(cfg.model), lr=cfg.lr)
+    plan = plan_offload(module, cfg.offload)
+    with tempfile.TemporaryDirectory() as folder:
+        return save_plan_picture(plan, Path(folder) / "plan.png").read_bytes()
+
+
+def on_files(files: Any, config: Any) -> Any:
+    """Add the generated pictures to the site's files (pages link to them as usual)."""
+    from mkdocs.structure.files import File
+
+    files.append(File.generated(config, "img/offload_plan.png", content=main_job_plan_png()))
+    return files
