@@ -22,7 +22,8 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from hydra_offload.runtime.host import proc_bytes
 from hydra_offload.runtime.params import MoveGuard, PickleGuard
 from hydra_offload.runtime.partition import Partition
 from hydra_offload.runtime.shared import can_share, join_node, release_freed_memory
+from hydra_offload.runtime.trace import StepTrace
 from hydra_offload.stats import OffloadStats
 from hydra_offload.weights import offload_problem
 
@@ -246,6 +248,47 @@ class OffloadHandle:
         """
         if self.partition is not None:
             self.partition.gather_state(optimizer)
+
+    @contextmanager
+    def trace(self) -> Iterator[StepTrace]:
+        """Record the timeline of what runs inside the ``with`` block (usually one forward):
+        per offloaded layer, when it computed and when its weights were copied into its
+        slots, and which copies were loads on demand (stalls).
+
+        Yields a :class:`~hydra_offload.runtime.trace.StepTrace`; its ``spans`` fill in when
+        the block ends (the device is synchronized then, outside the forward), in
+        milliseconds from the trace's start, and its ``clock`` says how they were measured:
+        ``"device timing events"`` on an accelerator, ``"wall clock (CPU: copies are
+        synchronous)"`` on the CPU, ``"simulated device clock"`` on the simulated device.
+        :func:`hydra_offload.pictures.timeline_figure` draws it.
+
+        Only the prefetch backend records: under another backend, or once the offload is
+        removed, the trace stays empty. Traces do not nest (``RuntimeError``). Without an
+        active trace nothing is recorded and the forward costs what it did.
+
+        Example:
+            >>> import torch
+            >>> from hydra_offload import apply_offload
+            >>> from hydra_offload.models import DecoderLM
+            >>> model = DecoderLM(num_layers=4).eval()
+            >>> ids = torch.randint(0, 1024, (2, 16))
+            >>> with apply_offload(model, {"prefetch": {"offload_group_size": 2}}) as handle:
+            ...     _ = model(ids)  # a warm-up forward
+            ...     with torch.no_grad(), handle.trace() as trace:
+            ...         _ = model(ids)
+            >>> [s.label for s in trace.lane("compute")], len(trace.stalls)
+            (['layers.1', 'layers.3'], 0)
+        """
+        installed = self._installed
+        trace = StepTrace(self._runtime) if installed is not None else StepTrace()
+        if installed is None or not installed.start_trace(trace, self.plan):
+            yield trace  # nothing records: the trace stays empty
+            return
+        try:
+            yield trace
+        finally:
+            installed.stop_trace()
+            trace.finish()
 
     def remove(self, device: torch.device | str | None = None) -> None:
         """Restore the model: same parameter objects, values, devices and dtypes; no hooks.

@@ -1,5 +1,7 @@
 """Pictures of plans: ``offload_plan.png``, which ``run.py``'s job and the Lightning callback
-write into the Hydra job's output directory and log to the Trainer's loggers.
+write into the Hydra job's output directory and log to the Trainer's loggers; and of a traced
+forward: ``offload_timeline.png`` (:func:`timeline_figure`), which ``run.py``'s job writes next
+to it under the prefetch backend.
 
 An outer layer, beside :mod:`hydra_offload.render`: it reads plans (:mod:`hydra_offload.plan`)
 and their ring schedules (:mod:`hydra_offload.schedule`); nothing in the core imports it.
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from matplotlib.patches import Rectangle
 
     from hydra_offload.plan import OffloadPlan, PlannedParam, StackPlan
+    from hydra_offload.runtime.trace import StepTrace, TraceSpan
     from hydra_offload.schedule import RingSchedule
 
 __all__ = [
@@ -62,20 +65,32 @@ __all__ = [
     "HOST_COLOR",
     "PLAN_PICTURE",
     "SLOT_COLORS",
+    "STALL_COLOR",
+    "TIMELINE_PICTURE",
     "figure_pixels",
     "layer_cells",
     "plan_figure",
     "save_plan_picture",
+    "save_timeline_picture",
+    "timeline_figure",
 ]
 
 PLAN_PICTURE = "offload_plan.png"
 """The plan's picture, written next to ``offload_plan.txt`` in the Hydra job's output
 directory."""
 
+TIMELINE_PICTURE = "offload_timeline.png"
+"""The timeline of one traced forward under the prefetch backend, written next to
+:data:`PLAN_PICTURE`."""
+
 HOST_COLOR = "#f28e2b"
 """Fill of what lives in host memory (offloaded layers and parameters)."""
 DEVICE_COLOR = "#b8c7d6"
 """Fill of what stays on the device."""
+STALL_COLOR = "#d62728"
+"""Fill of a load on demand (a stall) in the timeline."""
+COMPUTE_COLOR = "#4e79a7"
+COPY_COLOR = HOST_COLOR
 SLOT_COLORS = ("#4e79a7", "#59a14f", "#b07aa1", "#e15759", "#76b7b2", "#9c755f", "#edc948")
 """Colours of a ring's slot groups, in slot order (repeating past the last)."""
 
@@ -423,3 +438,115 @@ def _legend(ax: Axes, plan: OffloadPlan, y: float, height: float) -> None:
                              "layer's copy goes)"))  # fmt: skip
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, 1 - y / height),
               ncol=len(handles), fontsize=8, frameon=False)  # fmt: skip
+
+
+# -------------------------------------------------------------------------------- timeline
+
+
+def timeline_figure(
+    trace: StepTrace | Sequence[TraceSpan], *, clock: str | None = None, title: str | None = None
+) -> Figure:
+    """A matplotlib figure of a traced forward (:meth:`OffloadHandle.trace()
+    <hydra_offload.offload.OffloadHandle.trace>`): two lanes over a time axis in ms, the
+    compute lane (one bar per offloaded layer's forward, from the moment its weights were
+    ready) above the copy lane (one bar per load of a layer's weights into its slots); each
+    bar is labelled with its layer where it has room. Loads on demand (stalls) are red, with
+    a red triangle over the compute lane where they end.
+
+    Args:
+        trace: a :class:`~hydra_offload.runtime.trace.StepTrace`, or its spans.
+        clock: how the times were measured (default: the trace's ``clock``), in the title.
+        title: the title's first part (default ``"Offload timeline: one forward"``).
+
+    Returns:
+        A figure on its own Agg canvas (as :func:`plan_figure`); its bars carry the ``gid``
+        ``"compute"``, ``"copy"`` or ``"stall"`` (count them with :func:`layer_cells`).
+
+    Example:
+        >>> from hydra_offload.runtime.trace import TraceSpan
+        >>> spans = [TraceSpan("copy", "copy", "layers", 0, 1, 0.0, 2.0),
+        ...          TraceSpan("compute", "compute", "layers", 0, 1, 2.0, 3.0),
+        ...          TraceSpan("copy", "stall", "layers", 1, 3, 3.0, 5.0),
+        ...          TraceSpan("compute", "compute", "layers", 1, 3, 5.0, 6.0)]
+        >>> figure = timeline_figure(spans, clock="simulated device clock")
+        >>> [len(layer_cells(figure, gid=g)) for g in ("compute", "copy", "stall")]
+        [2, 1, 1]
+        >>> figure.axes[0].get_title(loc="left")
+        'Offload timeline: one forward  (simulated device clock)'
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    spans = list(trace if isinstance(trace, Sequence) else trace.spans)
+    if clock is None:
+        clock = getattr(trace, "clock", None)
+    heading = title or "Offload timeline: one forward"
+    figure = Figure(figsize=(_WIDTH_IN, 3.4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_axes((0.08, 0.3, 0.9, 0.58))
+    end = max((s.end_ms for s in spans), default=0.0)
+    width = end if end > 0 else 1.0
+    ax.set_xlim(-0.01 * width, 1.01 * width)
+    ax.set_ylim(-0.1, 2.5)
+    ax.set_yticks([0.5, 1.75], ["copy", "compute"])
+    ax.set_xlabel("time (ms)")
+    ax.set_title(f"{heading}  ({clock})" if clock else heading, loc="left", fontsize=12,
+                 fontweight="bold")  # fmt: skip
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    lanes = {"compute": 1.25, "copy": 0.0}
+    colors = {"compute": COMPUTE_COLOR, "copy": COPY_COLOR, "stall": STALL_COLOR}
+    per_ms = _WIDTH_IN * 0.9 * 72 / width  # points per ms, for whether a label fits
+    for span in spans:
+        y = lanes[span.lane]
+        w = max(span.duration_ms, 0.0)
+        ax.add_patch(Rectangle((span.start_ms, y), w, 1.0, facecolor=colors[span.kind],
+                               edgecolor="white", linewidth=0.8, gid=span.kind,
+                               hatch="//" if span.kind == "stall" else None))  # fmt: skip
+        if w * per_ms >= 5.5 * len(span.label) + 4:
+            ax.text(span.start_ms + w / 2, y + 0.5, span.label, ha="center", va="center",
+                    fontsize=7, color="white", clip_on=True)  # fmt: skip
+    stalls = [s for s in spans if s.kind == "stall"]
+    if stalls:
+        ax.plot([s.end_ms for s in stalls], [2.35] * len(stalls), linestyle="none",
+                marker="v", color=STALL_COLOR, markersize=8, gid="stall-marker")  # fmt: skip
+    compute = [s for s in spans if s.lane == "compute"]
+    copies = [s for s in spans if s.lane == "copy"]
+    summary = (
+        f"{len(compute)} layer forwards, {len(copies)} copies "
+        f"({len(stalls)} on demand), {end:.3f} ms"
+    )
+    ax.text(0, -0.3, summary, transform=ax.transAxes, fontsize=8, va="top",
+            color="#444444")  # fmt: skip
+    handles = [
+        Patch(facecolor=COMPUTE_COLOR, label="layer forward (weights ready)"),
+        Patch(facecolor=COPY_COLOR, label="copy of its weights (prefetch)"),
+        Patch(facecolor=STALL_COLOR, hatch="//", label="load on demand (stall)"),
+    ]
+    ax.legend(handles=handles, loc="upper right", bbox_to_anchor=(1, -0.24), ncol=3, fontsize=8,
+              frameon=False)  # fmt: skip
+    return figure
+
+
+def save_timeline_picture(
+    trace: StepTrace | Sequence[TraceSpan],
+    path: str | Path,
+    *,
+    dpi: int = 110,
+    clock: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write :func:`timeline_figure` of ``trace`` to ``path`` (PNG, or what its suffix names).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from hydra_offload.runtime.trace import StepTrace
+        >>> path = save_timeline_picture(StepTrace(), Path(tempfile.mkdtemp()) / TIMELINE_PICTURE)
+        >>> path.read_bytes()[:4]
+        b'\\x89PNG'
+    """
+    path = Path(path)
+    timeline_figure(trace, clock=clock, title=title).savefig(path, dpi=dpi)
+    return path

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 PLAN_OVERRIDES = ["offload=prefetch", "offload.prefetch.offload_group_size=8"]
+GENERATED = ("img/offload_plan.png",)
+"""The files the build adds under ``docs/`` (pages may link to them; they are not in git)."""
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,5 +42,6 @@ def on_files(files: Any, config: Any) -> Any:
     """Add the generated pictures to the site's files (pages link to them as usual)."""
     from mkdocs.structure.files import File
 
-    files.append(File.generated(config, "img/offload_plan.png", content=main_job_plan_png()))
+    (plan,) = GENERATED
+    files.append(File.generated(config, plan, content=main_job_plan_png()))
     return files

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,7 +34,11 @@ from hydra_offload.runtime.grads import HostGradients
 from hydra_offload.runtime.host import HostStorage
 from hydra_offload.runtime.params import Staged
 from hydra_offload.runtime.partition import Partition, check_optimizer
+from hydra_offload.runtime.trace import StepTrace
 from hydra_offload.weights import ModulePatch
+
+if TYPE_CHECKING:
+    from hydra_offload.plan import OffloadPlan
 
 __all__ = ["NoOffload", "OffloadBackendBase", "StagedOffload"]
 
@@ -110,6 +115,21 @@ class OffloadBackendBase(abc.ABC):
         """Under data parallelism, which process of the node steps which trainable
         offloaded parameter (:mod:`hydra_offload.runtime.partition`). Default: ``None``,
         this process steps every parameter it holds."""
+        return None
+
+    def start_trace(self, trace: StepTrace, plan: OffloadPlan) -> bool:
+        """Record copies and layer computes into ``trace`` until :meth:`stop_trace` (see
+        :meth:`OffloadHandle.trace <hydra_offload.OffloadHandle.trace>`); ``plan`` is the plan
+        the backend was installed from. Returns whether anything will be recorded.
+        Default: ``False``, a backend without copies to show.
+
+        Raises:
+            RuntimeError: a trace is already recording (traces do not nest).
+        """
+        return False
+
+    def stop_trace(self) -> None:
+        """Stop recording into the trace :meth:`start_trace` began. Default: nothing."""
         return None
 
     def forward_started(self) -> None:

@@ -67,6 +67,7 @@ from hydra_offload.runtime.params import Staged, point_at, restore, stage_to_hos
 from hydra_offload.runtime.partition import Partition
 from hydra_offload.runtime.shared import NodeGroup
 from hydra_offload.runtime.timing import WaitTimer
+from hydra_offload.runtime.trace import StackTrace, StepTrace
 from hydra_offload.schedule import RingSchedule, schedules_of
 from hydra_offload.weights import ModulePatch, WeightAdapter
 
@@ -159,6 +160,9 @@ class _Ring:
         self.backend: PrefetchOffload | None = backend
         self.deferred: list[_Layer] = []
         """Wrap-around loads held back at the end of a recorded forward."""
+        self.trace: StackTrace | None = None
+        """Where copies and computes are recorded while a trace is active
+        (:meth:`hydra_offload.offload.OffloadHandle.trace`)."""
         for position, layer in enumerate(layers):
             layer.next_users = [layers[p] for p in schedule.next_users[position]]
             layer.prev_users = [layers[p] for p in schedule.prev_users[position]]
@@ -188,9 +192,13 @@ class _Ring:
         for slot in layer.slots:
             if slot.free is not None:
                 stream.wait_event(slot.free)  # compute is done with the old contents
+        trace = self.trace
+        start = trace.mark(stream) if trace is not None else None
         for slot, hosts in layer.copies:
             for tensor, host in zip(slot.tensors, hosts, strict=True):
                 self.runtime.copy(stream, tensor, host)
+        if trace is not None:
+            trace.copied(layer.position, start, trace.mark(stream), stall=now)
         ready = stream.record_event()
         for slot in layer.slots:
             slot.owner = layer
@@ -248,6 +256,8 @@ class _Ring:
         its inputs that tells when its backward is done."""
         layer = self.layers[position]
         self._acquire(layer)
+        if self.trace is not None:
+            self.trace.begin(position)
         if layer.in_backward or inputs is None or not torch.is_grad_enabled():
             return  # (in backward: a recomputation, e.g. activation checkpointing)
         for tensor in _tensors(inputs):
@@ -260,6 +270,8 @@ class _Ring:
         layer = self.layers[position]
         if layer.in_backward:
             return  # a recomputation inside its own backward: the slots stay its own
+        if self.trace is not None:
+            self.trace.end(position)
         done = self.runtime.current_stream().record_event()
         for slot in layer.slots:
             slot.free = done
@@ -359,6 +371,7 @@ class _Ring:
         self.deferred = []
         self.backend = None
         self.timer = None
+        self.trace = None
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -600,6 +613,19 @@ class PrefetchOffload(StagedOffload):
         # every layer sharing them reload from the host, after that copy (invalidate records
         # the event the next copy into the slots waits for).
         ring.invalidate(layer)
+
+    def start_trace(self, trace: StepTrace, plan: OffloadPlan) -> bool:
+        """Each ring records into ``trace``, under its stack's path (see
+        :meth:`OffloadBackendBase.start_trace`)."""
+        if any(ring.trace is not None for ring in self.rings):
+            raise RuntimeError("this offload is already being traced: traces do not nest")
+        for stack, ring in zip(plan.stacks, self.rings, strict=True):
+            ring.trace = trace.stack(stack.path, ring.schedule.layers)
+        return True
+
+    def stop_trace(self) -> None:
+        for ring in self.rings:
+            ring.trace = None
 
     @property
     def wait_ms(self) -> float | None:
