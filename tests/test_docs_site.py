@@ -68,7 +68,9 @@ def test_mkdocs_build_strict_passes(tmp_path):
     site = tmp_path / "site"
     assert (site / "api" / "index.html").is_file()
     # The build draws the main job's plan (docs/overrides/hooks.py), and a page shows it.
-    assert (site / "img" / "offload_plan.png").read_bytes()[:4] == b"\x89PNG"
+    for picture in ("offload_plan.png", "offload_timeline.png"):
+        assert (site / "img" / picture).read_bytes()[:4] == b"\x89PNG"
+    assert "../img/offload_timeline.png" in (site / "concepts" / "index.html").read_text()
     page = (site / "getting-started" / "index.html").read_text(encoding="utf-8")
     assert "../img/offload_plan.png" in page
 
