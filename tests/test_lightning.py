@@ -737,25 +737,31 @@ def test_the_plan_is_logged_once_per_fit_and_at_other_stages_only_when_it_change
     assert len(plans_logged(caplog)) == 3
 
 
+class HyperparamsRecorder(CSVLogger):
+    """A CSV logger that also keeps every hyperparameter dict it is sent (``sent``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[dict] = []
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        self.sent.append(params)
+        super().log_hyperparams(params, *args, **kwargs)
+
+
 def test_the_validated_config_is_logged_as_hyperparameters_once_per_logger(tmp_path):
     # What a Hydra callbacks config passes: a node whose values are interpolations.
     cfg = OmegaConf.create(
         {"group": 2, "offload": {"prefetch": {"offload_group_size": "${group}"}}}
     )
     callback = OffloadCallback(cfg.offload)
-    sent: list[dict] = []
 
-    class Recording(CSVLogger):
-        def log_hyperparams(self, params, *args, **kwargs):
-            sent.append(params)
-            super().log_hyperparams(params, *args, **kwargs)
-
-    logger = Recording(tmp_path, name="logs", version=0)
+    logger = HyperparamsRecorder(tmp_path, name="logs", version=0)
     t = trainer(callback, logger=logger)
     lit = module(frozen=True)
     t.fit(lit, tokens(), tokens(samples=4, seed=1))
     t.test(lit, tokens())
-    assert [p for p in sent if "offload" in p] == [callback.hparams]
+    assert [p for p in logger.sent if "offload" in p] == [callback.hparams]
     saved = OmegaConf.load(Path(logger.log_dir) / "hparams.yaml")
     assert saved.offload.prefetch.offload_group_size == 2
     assert saved.offload.resolved_backend == "prefetch"
@@ -1147,19 +1153,13 @@ def test_an_unpickled_callback_sends_its_hyperparameters_to_a_logger_once(tmp_pa
     # What ddp_spawn's processes get: a callback restored by unpickling, then a stage with a
     # logger (the weak set of loggers it has told is made again, empty).
     copy = pickle.loads(pickle.dumps(OffloadCallback(PREFETCH)))
-    sent: list[dict] = []
 
-    class Recording(CSVLogger):
-        def log_hyperparams(self, params, *args, **kwargs):
-            sent.append(params)
-            super().log_hyperparams(params, *args, **kwargs)
-
-    logger = Recording(tmp_path, name="logs", version=0)
+    logger = HyperparamsRecorder(tmp_path, name="logs", version=0)
     lit = module(frozen=True)
     t = trainer(copy, logger=logger)
     t.fit(lit, tokens(), tokens(samples=4, seed=1))
     t.test(lit, tokens())
-    assert [p for p in sent if "offload" in p] == [copy.hparams]
+    assert [p for p in logger.sent if "offload" in p] == [copy.hparams]
 
 
 def test_a_hydra_config_set_without_a_job_writes_nothing_and_runs(tmp_path, monkeypatch):

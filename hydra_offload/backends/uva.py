@@ -211,6 +211,7 @@ class UVAOffload(StagedOffload):
         trainable = [e for e in self.staged.params if e.param.requires_grad]
         if not trainable:
             return
+        self._ids = {id(e.param) for e in self.staged.params}  # what the step hooks look for
         if self.mode != "zero_copy":  # copy mode, or the host under a partition
             params = [e.param for e in trainable]
             self.grads = HostGradients(self.runtime, params, self.partition)
@@ -249,9 +250,8 @@ class UVAOffload(StagedOffload):
         runs in host memory; their state goes there if something put it on the device (a
         loaded checkpoint)."""
         assert self.grads is not None
-        offloaded = {id(e.param) for e in self.staged.params}
         held = [
-            p for group in optimizer.param_groups for p in group["params"] if id(p) in offloaded
+            p for group in optimizer.param_groups for p in group["params"] if id(p) in self._ids
         ]
         stepping = [p for p in held if p in self.grads]
         if held:
@@ -267,8 +267,7 @@ class UVAOffload(StagedOffload):
         the node has stepped the ones it owns."""
         assert self.partition is not None
         assert self.grads is not None
-        offloaded = {id(e.param) for e in self.staged.params if e.param.requires_grad}
-        if any(id(p) in offloaded for group in optimizer.param_groups for p in group["params"]):
+        if any(p in self.partition for group in optimizer.param_groups for p in group["params"]):
             self.partition.barrier()
 
     def _host_storages(self) -> list[HostStorage]:

@@ -194,17 +194,17 @@ class Partition:
             else:
                 dist.barrier(group=self.comm)
 
-    def node_sum(self, value: float) -> float:
-        """The sum of ``value`` over the processes of this node, the same on each of them
+    def node_values(self, value: float) -> torch.Tensor:
+        """``value`` of every process of this node, in node order, the same on each of them
         (one collective of the whole group: every process calls it)."""
         if self.comm is None:
-            return value
+            return torch.tensor([value], dtype=torch.float64)
         import torch.distributed as dist
 
         values = torch.zeros(self.world, dtype=torch.float64, device=self.device)
-        values[self.rank] = value
+        values[self.rank] = value  # summed with zeros: every process's value, exactly
         dist.all_reduce(values, group=self.comm)
-        return float(sum(values[r].item() for r in self.node_ranks))
+        return values[self.node_ranks].cpu()
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any process of the group (a collective)."""
@@ -227,22 +227,12 @@ class Partition:
         processes own the rest) and ``others`` (the gradients every process holds alike).
         A collective: every process calls it."""
         norm_type = float(norm_type)
-        mine = _norm([g for g in owned], norm_type)
-        rest = _norm([g for g in others], norm_type)
+        mine = float(torch.nn.utils.get_total_norm(list(owned), norm_type))
+        rest = float(torch.nn.utils.get_total_norm(list(others), norm_type))
         if math.isinf(norm_type):
-            return max(self._node_max(mine), rest)
-        offloaded = self.node_sum(mine**norm_type)
+            return max(float(self.node_values(mine).max()), rest)
+        offloaded = float(self.node_values(mine**norm_type).sum())
         return (offloaded + rest**norm_type) ** (1.0 / norm_type)
-
-    def _node_max(self, value: float) -> float:
-        if self.comm is None:
-            return value
-        import torch.distributed as dist
-
-        values = torch.full((self.world,), -math.inf, dtype=torch.float64, device=self.device)
-        values[self.rank] = value
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.comm)
-        return max(values[r].item() for r in self.node_ranks)
 
     def gather_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Give every process the optimizer state of every parameter of the partition that
@@ -295,13 +285,6 @@ def _deal(params: Sequence[nn.Parameter], parts: int) -> dict[int, int]:
         owner[id(params[i])] = take
         held[take] += params[i].numel() * params[i].element_size()
     return owner
-
-
-def _norm(grads: list[torch.Tensor], norm_type: float) -> float:
-    if not grads:
-        return 0.0
-    norms = [torch.linalg.vector_norm(g.detach(), norm_type).double().cpu() for g in grads]
-    return float(torch.linalg.vector_norm(torch.stack(norms), norm_type))
 
 
 def _to_cpu(value: Any) -> Any:
