@@ -1,7 +1,7 @@
 """Pictures of plans: ``offload_plan.png``, which ``run.py``'s job and the Lightning callback
 write into the Hydra job's output directory and log to the Trainer's loggers; and of a traced
-forward: ``offload_timeline.png`` (:func:`timeline_figure`), which ``run.py``'s job writes next
-to it under the prefetch backend.
+step: ``offload_timeline.png`` (:func:`timeline_figure`), which the callback writes and logs
+beside it under the prefetch backend.
 
 An outer layer, beside :mod:`hydra_offload.render`: it reads plans (:mod:`hydra_offload.plan`)
 and their ring schedules (:mod:`hydra_offload.schedule`); nothing in the core imports it.
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from hydra_offload.schedule import RingSchedule
 
 __all__ = [
+    "BACKWARD_COLOR",
+    "COMPUTE_COLOR",
     "DEVICE_COLOR",
     "HOST_COLOR",
     "PLAN_PICTURE",
@@ -80,7 +82,7 @@ PLAN_PICTURE = "offload_plan.png"
 directory."""
 
 TIMELINE_PICTURE = "offload_timeline.png"
-"""The timeline of one traced forward under the prefetch backend, written next to
+"""The timeline of one traced step under the prefetch backend, written next to
 :data:`PLAN_PICTURE`."""
 
 HOST_COLOR = "#f28e2b"
@@ -90,6 +92,9 @@ DEVICE_COLOR = "#b8c7d6"
 STALL_COLOR = "#d62728"
 """Fill of a load on demand (a stall) in the timeline."""
 COMPUTE_COLOR = "#4e79a7"
+"""Fill of a layer's forward in the timeline."""
+BACKWARD_COLOR = "#76b7b2"
+"""Fill of a layer's backward in the timeline."""
 COPY_COLOR = HOST_COLOR
 SLOT_COLORS = ("#4e79a7", "#59a14f", "#b07aa1", "#e15759", "#76b7b2", "#9c755f", "#edc948")
 """Colours of a ring's slot groups, in slot order (repeating past the last)."""
@@ -446,21 +451,25 @@ def _legend(ax: Axes, plan: OffloadPlan, y: float, height: float) -> None:
 def timeline_figure(
     trace: StepTrace | Sequence[TraceSpan], *, clock: str | None = None, title: str | None = None
 ) -> Figure:
-    """A matplotlib figure of a traced forward (:meth:`OffloadHandle.trace()
+    """A matplotlib figure of a traced step (:meth:`OffloadHandle.trace()
     <hydra_offload.offload.OffloadHandle.trace>`): two lanes over a time axis in ms, the
     compute lane (one bar per offloaded layer's forward, from the moment its weights were
-    ready) above the copy lane (one bar per load of a layer's weights into its slots); each
-    bar is labelled with its layer where it has room. Loads on demand (stalls) are red, with
-    a red triangle over the compute lane where they end.
+    ready, and in a training step one per layer's backward, in another colour) above the copy
+    lane (one bar per load of a layer's weights into its slots); each bar is labelled with its
+    layer where it has room. Loads on demand (stalls) are red, with a red triangle over the
+    compute lane where they end. A bar shorter than 0.3% of the time axis is drawn that wide,
+    so that it shows.
 
     Args:
         trace: a :class:`~hydra_offload.runtime.trace.StepTrace`, or its spans.
         clock: how the times were measured (default: the trace's ``clock``), in the title.
-        title: the title's first part (default ``"Offload timeline: one forward"``).
+        title: the title's first part (default ``"Offload timeline: one forward"``, or
+            ``"Offload timeline: one training step"`` when the trace has a backward).
 
     Returns:
         A figure on its own Agg canvas (as :func:`plan_figure`); its bars carry the ``gid``
-        ``"compute"``, ``"copy"`` or ``"stall"`` (count them with :func:`layer_cells`).
+        ``"compute"`` (a forward), ``"backward"``, ``"copy"`` or ``"stall"`` (count them with
+        :func:`layer_cells`).
 
     Example:
         >>> from hydra_offload.runtime.trace import TraceSpan
@@ -481,7 +490,10 @@ def timeline_figure(
     spans = list(trace if isinstance(trace, Sequence) else trace.spans)
     if clock is None:
         clock = getattr(trace, "clock", None)
-    heading = title or "Offload timeline: one forward"
+    backward = [s for s in spans if s.lane == "compute" and s.phase == "backward"]
+    heading = title or (
+        "Offload timeline: one training step" if backward else "Offload timeline: one forward"
+    )
     figure = Figure(figsize=(_WIDTH_IN, 3.4))
     FigureCanvasAgg(figure)
     ax = figure.add_axes((0.08, 0.3, 0.9, 0.58))
@@ -496,13 +508,15 @@ def timeline_figure(
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     lanes = {"compute": 1.25, "copy": 0.0}
-    colors = {"compute": COMPUTE_COLOR, "copy": COPY_COLOR, "stall": STALL_COLOR}
+    colors = {"compute": COMPUTE_COLOR, "backward": BACKWARD_COLOR, "copy": COPY_COLOR,
+              "stall": STALL_COLOR}  # fmt: skip
     per_ms = _WIDTH_IN * 0.9 * 72 / width  # points per ms, for whether a label fits
     for span in spans:
         y = lanes[span.lane]
-        w = max(span.duration_ms, 0.0)
-        ax.add_patch(Rectangle((span.start_ms, y), w, 1.0, facecolor=colors[span.kind],
-                               edgecolor="white", linewidth=0.8, gid=span.kind,
+        w = max(span.duration_ms, 0.003 * width)  # a bar too short to see is drawn 3 px wide
+        gid = "backward" if span.lane == "compute" and span.phase == "backward" else span.kind
+        ax.add_patch(Rectangle((span.start_ms, y), w, 1.0, facecolor=colors[gid],
+                               edgecolor="white", linewidth=0.8, gid=gid,
                                hatch="//" if span.kind == "stall" else None))  # fmt: skip
         if w * per_ms >= 5.5 * len(span.label) + 4:
             ax.text(span.start_ms + w / 2, y + 0.5, span.label, ha="center", va="center",
@@ -511,21 +525,24 @@ def timeline_figure(
     if stalls:
         ax.plot([s.end_ms for s in stalls], [2.35] * len(stalls), linestyle="none",
                 marker="v", color=STALL_COLOR, markersize=8, gid="stall-marker")  # fmt: skip
-    compute = [s for s in spans if s.lane == "compute"]
+    forwards = [s for s in spans if s.lane == "compute" and s.phase == "forward"]
     copies = [s for s in spans if s.lane == "copy"]
     summary = (
-        f"{len(compute)} layer forwards, {len(copies)} copies "
-        f"({len(stalls)} on demand), {end:.3f} ms"
+        f"{len(forwards)} layer forwards, "
+        + (f"{len(backward)} layer backwards, " if backward else "")
+        + f"{len(copies)} copies ({len(stalls)} on demand), {end:.3f} ms"
     )
     ax.text(0, -0.3, summary, transform=ax.transAxes, fontsize=8, va="top",
             color="#444444")  # fmt: skip
-    handles = [
-        Patch(facecolor=COMPUTE_COLOR, label="layer forward (weights ready)"),
+    handles = [Patch(facecolor=COMPUTE_COLOR, label="layer forward (weights ready)")]
+    if backward:
+        handles.append(Patch(facecolor=BACKWARD_COLOR, label="layer backward"))
+    handles += [
         Patch(facecolor=COPY_COLOR, label="copy of its weights (prefetch)"),
         Patch(facecolor=STALL_COLOR, hatch="//", label="load on demand (stall)"),
     ]
-    ax.legend(handles=handles, loc="upper right", bbox_to_anchor=(1, -0.24), ncol=3, fontsize=8,
-              frameon=False)  # fmt: skip
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.4), ncol=len(handles),
+              fontsize=8, frameon=False, borderaxespad=0, handletextpad=0.5)  # fmt: skip
     return figure
 
 

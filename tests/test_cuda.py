@@ -274,3 +274,74 @@ def test_backward_prefetches_in_reverse_without_stalls():
         assert handle.stats.stalls == 0
         layers = len(handle.plan.stacks[0].offloaded_layers)
         assert handle.stats.loads == 3 * 2 * (layers - 2)
+
+
+# ------------------------------------------------------------------------------ the timeline
+
+ALL_OFFLOADED = {"prefetch": {"offload_group_size": 1, "offload_prefetch_step": 2}}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["forward", "training-step"])
+def test_the_timeline_is_timed_on_the_device_and_copies_run_beside_compute(training):
+    model = model_on_cuda().train(training)
+    ids = inputs(model)
+
+    def step() -> None:
+        if training:
+            model(ids).float().logsumexp(-1).mean().backward()
+        else:
+            with torch.no_grad():
+                model(ids)
+
+    with apply_offload(model, ALL_OFFLOADED) as handle:
+        step()
+        with handle.trace() as trace:
+            step()
+    assert trace.clock == "device timing events"
+    assert trace.stalls == []
+    layers = list(range(8))  # every layer offloaded, two copies ahead
+    assert [s.layer for s in trace.lane("compute", "forward")] == layers
+    expected = layers[::-1] if training else []
+    assert [s.layer for s in trace.lane("compute", "backward")] == expected
+    compute, copies = trace.lane("compute"), trace.lane("copy")
+    for span in compute:
+        loaded = [c for c in copies if c.layer == span.layer and c.start_ms <= span.start_ms]
+        if loaded:  # the copy it waited for ended before it started (device time)
+            assert loaded[-1].end_ms <= span.start_ms + 1e-3
+    # The side stream copies the layer two ahead while the compute stream runs the next one.
+    assert any(c.start_ms < s.end_ms and s.start_ms < c.end_ms for c in copies for s in compute)
+
+
+def test_the_callback_draws_a_cuda_step_s_timeline():
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import Logger
+
+    from hydra_offload import OffloadCallback
+    from hydra_offload.integrations.lightning import TIMELINE_IMAGE_TAG
+    from hydra_offload.models import LitDecoderLM, random_tokens
+
+    class Images(Logger):
+        name, version = "images", "0"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.keys: list[str] = []
+
+        def log_image(self, key: str, images: list, step: int | None = None) -> None:
+            self.keys.append(key)
+
+        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+            pass
+
+        def log_hyperparams(self, params: object, *args: object, **kwargs: object) -> None:
+            pass
+
+    torch.manual_seed(0)
+    logger = Images()
+    trainer = Trainer(accelerator="cuda", devices=1, max_steps=3, logger=logger,
+                      callbacks=[OffloadCallback(ALL_OFFLOADED)], enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    module = LitDecoderLM(DecoderLM(vocab_size=1024, hidden_size=512, num_layers=4,
+                                    num_heads=8, intermediate_size=1024))  # fmt: skip
+    trainer.fit(module, random_tokens(1024, 64, 6, 2))
+    assert logger.keys.count(TIMELINE_IMAGE_TAG) == 1

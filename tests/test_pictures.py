@@ -19,12 +19,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from hydra_offload import OffloadCallback, plan_offload
 from hydra_offload._format import format_bytes
-from hydra_offload.integrations.lightning import PLAN_FILE, PLAN_IMAGE_TAG
+from hydra_offload.integrations.lightning import PLAN_FILE, PLAN_IMAGE_TAG, TIMELINE_IMAGE_TAG
 from hydra_offload.models import DecoderLM, LitDecoderLM, random_tokens
 from hydra_offload.pictures import (
     DEVICE_COLOR,
     HOST_COLOR,
     PLAN_PICTURE,
+    TIMELINE_PICTURE,
     layer_cells,
     plan_figure,
     save_plan_picture,
@@ -245,15 +246,31 @@ def test_a_dry_run_leaves_the_plan_picture_too(tmp_path):
 PREFETCH = {"prefetch": {"offload_group_size": 2}}
 
 
-def predict(callback: OffloadCallback, logger: Any) -> None:
+def trainer_with(callback: OffloadCallback, logger: Any, steps: int) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
+                   enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, limit_predict_batches=steps, max_steps=steps,
+                   limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
+
+
+def predict(callback: OffloadCallback, logger: Any, steps: int = 1, module: Any = None) -> Trainer:
     torch.manual_seed(0)
-    trainer = Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
-                      enable_progress_bar=False, enable_model_summary=False,
-                      limit_predict_batches=1)  # fmt: skip
-    data = random_tokens(vocab_size=64, seq_len=9, samples=2, batch_size=2, seed=0)
+    trainer = trainer_with(callback, logger, steps)
+    data = random_tokens(vocab_size=64, seq_len=9, samples=2 * steps, batch_size=2, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CPU notice
-        trainer.predict(LitDecoderLM(DecoderLM(**SIZES)), data)
+        trainer.predict(module or LitDecoderLM(DecoderLM(**SIZES)), data)
+    return trainer
+
+
+def fit(callback: OffloadCallback, logger: Any, steps: int = 3) -> Trainer:
+    torch.manual_seed(0)
+    trainer = trainer_with(callback, logger, steps)
+    data = random_tokens(vocab_size=64, seq_len=9, samples=2 * steps, batch_size=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU notice, the loader's workers
+        trainer.fit(LitDecoderLM(DecoderLM(**SIZES)), data)
+    return trainer
 
 
 def test_the_callback_logs_the_picture_to_tensorboard(tmp_path):
@@ -357,3 +374,96 @@ def test_without_offload_the_callback_draws_no_picture(hydra_job):
     predict(OffloadCallback({}), wandb)
     assert not (hydra_job / PLAN_PICTURE).exists()
     assert wandb.images == []
+
+
+# ------------------------------------------------------------------ the callback's timeline
+
+
+def test_the_callback_draws_the_timeline_of_the_fit_s_second_step(hydra_job):
+    wandb, mlflow = StandInWandbLogger(), StandInMlflowLogger()
+    fit(OffloadCallback(PREFETCH), [wandb, mlflow], steps=3)
+    assert [key for key, _, _ in wandb.images] == [PLAN_IMAGE_TAG, TIMELINE_IMAGE_TAG]
+    _, (pixels,), step = wandb.images[1]
+    assert step == 2  # the second step (global step 1) is done: its optimizer stepped
+    assert pixels.shape[1] == 1200
+    (_, _, plan_file), (_, timeline, timeline_file) = mlflow.client.figures
+    assert (plan_file, timeline_file) == (PLAN_PICTURE, TIMELINE_PICTURE)
+    # Layers 1 and 3 offloaded: each one's forward and backward, and their copies.
+    assert len(layer_cells(timeline, gid="compute")) == 2
+    assert len(layer_cells(timeline, gid="backward")) == 2
+    assert layer_cells(timeline, gid="copy")
+    assert timeline.axes[0].get_title(loc="left").startswith("Offload timeline: one training")
+    assert (hydra_job / TIMELINE_PICTURE).read_bytes().startswith(PNG)
+
+
+def test_a_later_stage_logs_its_timeline_but_the_file_keeps_the_fit_s(hydra_job):
+    callback, wandb = OffloadCallback(PREFETCH), StandInWandbLogger()
+    fit(callback, wandb, steps=3)
+    written = (hydra_job / TIMELINE_PICTURE).read_bytes()
+    predict(callback, wandb, steps=3)
+    assert [key for key, _, _ in wandb.images].count(TIMELINE_IMAGE_TAG) == 2
+    assert (hydra_job / TIMELINE_PICTURE).read_bytes() == written
+
+
+def test_a_predict_job_writes_the_timeline_of_its_second_step(hydra_job):
+    mlflow = StandInMlflowLogger()
+    predict(OffloadCallback(PREFETCH), mlflow, steps=3)
+    (_, timeline, _) = mlflow.client.figures[1]
+    assert len(layer_cells(timeline, gid="compute")) == 2
+    assert layer_cells(timeline, gid="backward") == []
+    assert timeline.axes[0].get_title(loc="left").startswith("Offload timeline: one forward")
+    assert (hydra_job / TIMELINE_PICTURE).exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "steps", "timeline_step"),
+    [(PREFETCH, 1, 1), (PREFETCH, 3, None), ({"uva": {"cpu_offload_gb": 1}}, 3, 1)],
+    ids=["one-step", "turned-off", "uva"],
+)
+def test_no_timeline_without_its_step_when_turned_off_or_under_uva(
+    hydra_job, config, steps, timeline_step
+):
+    wandb = StandInWandbLogger()
+    predict(OffloadCallback(config, timeline_step=timeline_step), wandb, steps=steps)
+    assert [key for key, _, _ in wandb.images] == [PLAN_IMAGE_TAG]
+    assert not (hydra_job / TIMELINE_PICTURE).exists()
+    assert (hydra_job / PLAN_PICTURE).exists()
+
+
+def test_timeline_step_is_checked():
+    with pytest.raises(ValueError, match="timeline_step must be >= 0 or None, got -1"):
+        OffloadCallback(PREFETCH, timeline_step=-1)
+
+
+def test_a_stage_that_raises_in_the_traced_step_drops_the_trace(hydra_job):
+    class FailsAtStepOne(LitDecoderLM):
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            if batch_idx == 1:
+                raise RuntimeError("bad batch")
+            return super().predict_step(batch, batch_idx)
+
+    callback, wandb = OffloadCallback(PREFETCH), StandInWandbLogger()
+    module = FailsAtStepOne(DecoderLM(**SIZES))
+    with pytest.raises(RuntimeError, match="bad batch"):
+        predict(callback, wandb, steps=3, module=module)
+    assert callback._tracing is None
+    assert callback.handle is None
+    assert [key for key, _, _ in wandb.images] == [PLAN_IMAGE_TAG]
+    assert not (hydra_job / TIMELINE_PICTURE).exists()
+    # The module is whole again and runs without any offload hook recording.
+    module(torch.randint(0, 64, (2, 8)))
+
+
+def test_the_callback_logs_the_timeline_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    predict(OffloadCallback(PREFETCH), logger, steps=2)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert {PLAN_IMAGE_TAG, TIMELINE_IMAGE_TAG} <= set(events.Tags()["images"])
+    (image,) = events.Images(TIMELINE_IMAGE_TAG)
+    assert image.encoded_image_string.startswith(PNG)

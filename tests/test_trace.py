@@ -17,6 +17,7 @@ from torch import nn
 from hydra_offload import apply_offload
 from hydra_offload.models import DecoderLM
 from hydra_offload.pictures import (
+    BACKWARD_COLOR,
     STALL_COLOR,
     TIMELINE_PICTURE,
     layer_cells,
@@ -24,7 +25,7 @@ from hydra_offload.pictures import (
     timeline_figure,
 )
 from hydra_offload.runtime.simulated import SimulatedDevice
-from hydra_offload.runtime.trace import CLOCKS, StepTrace
+from hydra_offload.runtime.trace import CLOCKS, StepTrace, TraceSpan
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -175,3 +176,53 @@ def test_run_py_writes_the_timeline_next_to_the_plan_picture(tmp_path):
     assert f"timeline picture: {picture}" in result.stdout
     assert picture.read_bytes().startswith(PNG)
     assert (tmp_path / "run" / "offload_plan.png").exists()
+
+
+# ------------------------------------------------------------------------- a training step
+
+
+def traced_training_step(model: nn.Module, ids: torch.Tensor) -> StepTrace:
+    with apply_offload(model, {"prefetch": {"offload_group_size": 2}}, training=True) as handle:
+        model(ids).sum().backward()  # warm
+        with handle.trace() as trace:
+            model(ids).sum().backward()
+    return trace
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_a_training_step_has_each_layer_s_forward_then_its_backward_in_reverse(
+    run_on, checkpointed
+):
+    torch.manual_seed(0)
+    model = DecoderLM(num_layers=6, gradient_checkpointing=checkpointed, **SIZES).train()
+    trace = traced_training_step(model, torch.randint(0, 64, (2, 8)))
+    forward, backward = trace.lane("compute", "forward"), trace.lane("compute", "backward")
+    # A recomputation inside a layer's backward is part of that backward, not a forward.
+    assert [s.layer for s in forward] == [1, 3, 5]
+    assert [s.layer for s in backward] == [5, 3, 1]
+    assert forward[-1].end_ms <= backward[0].start_ms
+    check_ordered(trace)
+    # Backward loads layers 3 and 1 again (their slots went to the layers after them); each
+    # load ends before the backward that waits for it starts.
+    for span in backward[1:]:
+        (load,) = [c for c in trace.lane("copy") if c.layer == span.layer
+                   and backward[0].start_ms <= c.start_ms]  # fmt: skip
+        assert load.end_ms <= span.start_ms
+    assert trace.stalls == []
+    figure = timeline_figure(trace)
+    assert len(layer_cells(figure, gid="compute")) == 3
+    assert len(layer_cells(figure, gid="backward")) == 3
+    assert len(layer_cells(figure, BACKWARD_COLOR, "backward")) == 3
+    title = figure.axes[0].get_title(loc="left")
+    assert title.startswith("Offload timeline: one training step  (")
+
+
+def test_a_bar_too_short_to_see_is_drawn_wide_enough_to_show():
+    spans = [TraceSpan("compute", "compute", "layers", 0, 1, 0.0, 10.0),
+             TraceSpan("copy", "copy", "layers", 1, 3, 4.0, 4.001)]  # fmt: skip
+    figure = timeline_figure(spans)
+    (compute,) = layer_cells(figure, gid="compute")
+    (copy,) = layer_cells(figure, gid="copy")
+    assert compute.get_width() == 10.0  # drawn as long as it took
+    assert copy.get_x() == 4.0
+    assert copy.get_width() == pytest.approx(0.03)  # 0.3% of the 10 ms axis

@@ -358,16 +358,6 @@ def test_frozen_offloaded_layers_train_adapters_and_embedding_bit_identically(ba
 # --------------------------------------------------------------------------------------------
 
 
-class CheckpointedAtCallSite(DecoderLM):
-    """Each layer called through ``checkpoint(layer, h)``: its hooks run again on recompute."""
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            hidden = checkpoint(layer, hidden, use_reentrant=False)
-        return self.lm_head(self.norm(hidden))
-
-
 class CheckpointedBlock(DecoderBlock):
     """A block whose own forward checkpoints its body: recompute does not call the module."""
 
@@ -376,8 +366,9 @@ class CheckpointedBlock(DecoderBlock):
 
 
 def checkpointed_at_call_site() -> DecoderLM:
+    """Each layer called through ``checkpoint(layer, h)``: its hooks run again on recompute."""
     torch.manual_seed(0)
-    return CheckpointedAtCallSite(**SIZES)
+    return DecoderLM(**SIZES, gradient_checkpointing=True)
 
 
 def checkpointed_inside_layers() -> DecoderLM:

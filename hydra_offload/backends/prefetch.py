@@ -256,10 +256,12 @@ class _Ring:
         its inputs that tells when its backward is done."""
         layer = self.layers[position]
         self._acquire(layer)
+        if layer.in_backward:
+            return  # a recomputation inside its backward (e.g. activation checkpointing)
         if self.trace is not None:
             self.trace.begin(position)
-        if layer.in_backward or inputs is None or not torch.is_grad_enabled():
-            return  # (in backward: a recomputation, e.g. activation checkpointing)
+        if inputs is None or not torch.is_grad_enabled():
+            return
         for tensor in _tensors(inputs):
             # Not on leaves: their gradient hook may run before the layer's last node.
             if tensor.requires_grad and tensor.grad_fn is not None:
@@ -316,6 +318,8 @@ class _Ring:
         layer.in_backward = True
         for slot in layer.slots:
             slot.used = False  # in use until its backward is done
+        if self.trace is not None:
+            self.trace.begin(layer.position, "backward")
 
     def _input_grad(self, layer: _Layer, grad: torch.Tensor) -> None:
         """The gradient of one of the layer's inputs is complete: its backward is done."""
@@ -325,6 +329,8 @@ class _Ring:
     def end_backward(self, layer: _Layer) -> None:
         """Free the layer's slots after its backward and copy in the layer before it."""
         layer.in_backward = False
+        if self.trace is not None:
+            self.trace.end(layer.position)
         done = self.runtime.current_stream().record_event()
         for slot in layer.slots:
             slot.free = done

@@ -8,9 +8,8 @@ host-to-device throughput. It also writes the figures to ``job_summary.json`` fo
 :class:`~hydra_offload.integrations.sweep.SweepSummary`. A job that only plans (``+dry_run=true``,
 or a model on the ``meta`` device) writes the plan's picture, ``offload_plan.png``
 (:mod:`hydra_offload.pictures`), into the Hydra output directory; a job that runs has the
-callback write it there, with ``offload_plan.txt``. Under the prefetch backend, a job that runs
-steps traces the forward of its second step (a warm one: :class:`TimelineTracer`) and writes
-its timeline, ``offload_timeline.png``, next to the plan's picture.
+callback write it there, with ``offload_plan.txt``, and under the prefetch backend the timeline
+of its second step (a warm one), ``offload_timeline.png``.
 
 With ``objective`` set (``step_time``, ``peak_memory`` or a list of both) the job returns
 that figure (a list for several) instead of its summary, for a sweeper that minimizes what
@@ -44,12 +43,11 @@ from hydra_offload.integrations.lightning import OffloadCallback
 from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.integrations.trial import InfeasibleTrial
 from hydra_offload.models import LitDecoderLM, random_tokens
-from hydra_offload.offload import OffloadError, get_offload_handle
+from hydra_offload.offload import OffloadError
 from hydra_offload.pictures import (
     PLAN_PICTURE,
     TIMELINE_PICTURE,
     save_plan_picture,
-    save_timeline_picture,
 )
 from hydra_offload.plan import plan_offload
 from hydra_offload.render import format_bytes, render_plan, render_stats
@@ -62,7 +60,6 @@ __all__ = [
     "InfeasibleTrial",
     "JobResult",
     "StepTimer",
-    "TimelineTracer",
     "fail",
     "objectives",
     "run_job",
@@ -173,42 +170,6 @@ class StepTimer(Callback):
         return statistics.median(timed) if timed else None
 
 
-class TimelineTracer(Callback):
-    """Traces the forward of one warm step (the stage's second) under the prefetch backend
-    (:meth:`~hydra_offload.offload.OffloadHandle.trace`): from the step's start to its end
-    (predict) or to the start of its backward (fit). :attr:`trace` holds it afterwards; a
-    stage of one step, or another backend, leaves it ``None``.
-    """
-
-    def __init__(self, step: int = 1) -> None:
-        self.step = step
-        self.trace: Any = None
-        self._steps = 0
-        self._open: Any = None
-
-    def _begin(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._steps += 1
-        if self._steps != self.step + 1 or self.trace is not None:
-            return
-        handle = get_offload_handle(pl_module)
-        if handle is None or handle.plan.backend != "prefetch":
-            return
-        self._open = handle.trace()
-        self.trace = self._open.__enter__()
-
-    def _end(self, *args: Any) -> None:
-        opened, self._open = self._open, None
-        if opened is not None:
-            opened.__exit__(None, None, None)
-
-    on_train_batch_start = on_predict_batch_start = _begin
-    on_before_backward = on_predict_batch_end = on_train_batch_end = _end
-
-    def on_exception(self, *args: Any) -> None:
-        self._end()
-        self.trace = None
-
-
 def validated(cfg: DictConfig) -> OffloadConfig:
     try:
         return to_offload_config(cfg.offload)
@@ -257,10 +218,9 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> JobResult:
         seed=cfg.data.seed,
     )  # fmt: skip
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    timer, tracer = StepTimer(), TimelineTracer()
+    timer = StepTimer()
     trainer = Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        callbacks=[*callbacks, tracer, timer],
+        **OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[*callbacks, timer]
     )
     device = trainer.strategy.root_device
     if device.type == "cuda":
@@ -289,9 +249,8 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> JobResult:
         return _infeasible(goals, error, record, console)
     offloads = [c for c in callbacks if isinstance(c, OffloadCallback)]
     folder = job_output_dir()
-    if tracer.trace is not None and folder is not None and trainer.is_global_zero:
-        path = save_timeline_picture(tracer.trace, folder / TIMELINE_PICTURE)
-        console.print(f"timeline picture: {path}")
+    if folder is not None and trainer.is_global_zero and (folder / TIMELINE_PICTURE).exists():
+        console.print(f"timeline picture: {folder / TIMELINE_PICTURE}")  # the callback's
     summary = _summary(offload, offloads, timer, trainer)
     if suggestion is not None:
         summary["predicted_step_ms"] = suggestion.predicted_step_seconds * 1e3

@@ -42,10 +42,14 @@ What it reports, on rank zero only:
   Trainer's loggers, under ``offload``.
 - Its statistics as metrics of the Trainer's loggers (``offload/...``).
 - The plan's picture (:mod:`hydra_offload.pictures`) as an image of each of the Trainer's
-  loggers that takes images (TensorBoard, W&B, MLflow), whenever the plan is shown.
-- Inside a Hydra job (one with an output directory), three files in the job's output
+  loggers that takes images (TensorBoard, W&B, MLflow), whenever the plan is shown; and under
+  the prefetch backend the timeline of one step of each stage (its second, by default: forward,
+  backward and optimizer step in ``fit``), traced with
+  :meth:`~hydra_offload.offload.OffloadHandle.trace`.
+- Inside a Hydra job (one with an output directory), four files in the job's output
   directory: ``offload_plan.txt`` and ``offload_plan.png`` (the plan last shown, as text and
-  as a picture) and ``job_summary.json`` (backend,
+  as a picture), ``offload_timeline.png`` (the fit's timeline, else the latest stage's) and
+  ``job_summary.json`` (backend,
   config hash, device, peak device memory on CUDA, device bytes saved, time per step, ...,
   the format :class:`~hydra_offload.integrations.sweep.SweepSummary` gathers at the end of a
   multirun).
@@ -89,14 +93,27 @@ from hydra_offload.integrations.precision import (
 from hydra_offload.integrations.strategies import check_strategy
 from hydra_offload.integrations.sweep import job_output_dir, write_job_summary
 from hydra_offload.offload import OffloadHandle, OffloadStats, apply_offload
-from hydra_offload.pictures import PLAN_PICTURE, figure_pixels, plan_figure
+from hydra_offload.pictures import (
+    PLAN_PICTURE,
+    TIMELINE_PICTURE,
+    figure_pixels,
+    plan_figure,
+    timeline_figure,
+)
 from hydra_offload.plan import OffloadPlan, OffloadPlanWarning
 from hydra_offload.weights import ModulePatch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PLAN_FILE", "PLAN_IMAGE_TAG", "PLAN_PICTURE", "OffloadCallback"]
+__all__ = [
+    "PLAN_FILE",
+    "PLAN_IMAGE_TAG",
+    "PLAN_PICTURE",
+    "TIMELINE_IMAGE_TAG",
+    "TIMELINE_PICTURE",
+    "OffloadCallback",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +123,10 @@ PLAN_FILE = "offload_plan.txt"
 PLAN_IMAGE_TAG = "offload/plan"
 """The name the plan's picture is logged under (TensorBoard's tag, W&B's key); MLflow takes it
 as the artifact :data:`~hydra_offload.pictures.PLAN_PICTURE`."""
+
+TIMELINE_IMAGE_TAG = "offload/timeline"
+"""The name the timeline's picture is logged under; MLflow takes it as the artifact
+:data:`~hydra_offload.pictures.TIMELINE_PICTURE`."""
 
 _STAGE_FN = {
     "fit": TrainerFn.FITTING,
@@ -221,12 +242,19 @@ class OffloadCallback(Callback):
         log_every_n_steps: how often (in training steps) to send the offload's statistics
             to the Trainer's loggers; they are also sent at the end of every stage. ``None``:
             the Trainer's ``log_every_n_steps``.
+        timeline_step: the step of each stage (counted from 0; the first one warms up) whose
+            timeline is traced and drawn under the prefetch backend
+            (:func:`~hydra_offload.pictures.timeline_figure`): logged to the loggers that
+            take images and, in a Hydra job, written as ``offload_timeline.png``. ``None``:
+            no timeline.
 
     Logged metrics (rank zero): ``offload/device_bytes_saved``, ``offload/offloaded_bytes``,
     ``offload/pool_bytes``, ``offload/host_bytes_pinned``, ``offload/h2d_bytes_per_forward``,
     ``offload/stalls`` and, where measured, ``offload/wait_ms``. Logged hyperparameters:
-    :attr:`hparams`. Inside a Hydra job it also writes ``offload_plan.txt`` and
-    ``job_summary.json`` into the job's output directory (see the module's description).
+    :attr:`hparams`. Logged images: the plan's picture (``offload/plan``) and the timeline of
+    one step (``offload/timeline``). Inside a Hydra job it also writes ``offload_plan.txt``,
+    ``offload_plan.png``, ``offload_timeline.png`` and ``job_summary.json`` into the job's
+    output directory (see the module's description).
 
     Checkpoints keep its state under :attr:`state_key`, which carries the config's hash, so
     several OffloadCallbacks of one Trainer keep separate entries.
@@ -234,7 +262,7 @@ class OffloadCallback(Callback):
     Raises:
         hydra_offload.OffloadConfigError: ``config`` is not a valid configuration; one line
             per problem, each naming the dotted key.
-        ValueError: ``log_every_n_steps`` is below 1.
+        ValueError: ``log_every_n_steps`` is below 1, or ``timeline_step`` below 0.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -250,11 +278,15 @@ class OffloadCallback(Callback):
         self,
         config: OffloadConfig | dict[str, Any] | Any,
         log_every_n_steps: int | None = None,
+        timeline_step: int | None = 1,
     ) -> None:
         self.config: OffloadConfig = to_offload_config(config)
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps}")
+        if timeline_step is not None and timeline_step < 0:
+            raise ValueError(f"timeline_step must be >= 0 or None, got {timeline_step}")
         self.log_every_n_steps = log_every_n_steps
+        self.timeline_step = timeline_step
         self.handle: OffloadHandle | None = None
         """The active offload, while a stage runs."""
         self.last_stats: OffloadStats | None = None
@@ -279,6 +311,12 @@ class OffloadCallback(Callback):
         self._record: _StageRecord | None = None
         self._summary_dir: str | None = None
         self._stages: dict[str, dict[str, Any]] = {}
+        self._steps = 0
+        """Steps begun in the current stage."""
+        self._tracing: Any = None
+        """The open ``handle.trace()`` context and its trace, while the timeline's step runs."""
+        self._timelines: set[str] = set()
+        """The stages whose timeline this Hydra job's output directory got."""
 
     def __getstate__(self) -> dict[str, Any]:
         """The callback's state for pickling (Lightning's ``ddp_spawn`` pickles the Trainer
@@ -288,6 +326,7 @@ class OffloadCallback(Callback):
         state = dict(self.__dict__)
         state["_shown_plan"] = None
         state["_hparams_sent"] = None
+        state["_tracing"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -336,6 +375,7 @@ class OffloadCallback(Callback):
         that call, when Lightning makes it. Also wrap its ``on_load_checkpoint`` (see
         :meth:`_claim_checkpoint_entry`)."""
         self._stage = stage
+        self._steps = 0
         self._send_hparams(trainer)
         self._begin_record(trainer, stage)
         self._wrap_on_load_checkpoint(trainer, pl_module)
@@ -514,27 +554,21 @@ class OffloadCallback(Callback):
     def _show_picture(self, trainer: Trainer, plan: OffloadPlan, folder: Path | None) -> None:
         """The plan's picture (:func:`~hydra_offload.pictures.plan_figure`): written next to
         :data:`PLAN_FILE` inside a Hydra job, and logged to each of the Trainer's loggers that
-        takes images (:func:`_picture_sink`); drawn only when one of them wants it. A logger
-        that fails to take it gets a warning on this module's logger; the stage goes on."""
-        sinks: list[tuple[Logger, Callable[[Figure], None]]] = []
-        for logger in trainer.loggers:
-            try:
-                sink = _picture_sink(logger, trainer.global_step)
-            except Exception as err:  # a report must not end the stage
-                _picture_not_logged(logger, err)
-                continue
-            if sink is not None:
-                sinks.append((logger, sink))
-        if folder is None and not sinks:
-            return
-        figure = plan_figure(plan)
-        if folder is not None:
-            figure.savefig(folder / PLAN_PICTURE, dpi=110)
-        for logger, sink in sinks:
-            try:
-                sink(figure)
-            except Exception as err:
-                _picture_not_logged(logger, err)
+        takes images (:func:`_picture_sink`)."""
+        path = folder / PLAN_PICTURE if folder is not None else None
+        _publish(trainer, lambda: plan_figure(plan), path, PLAN_IMAGE_TAG, "plan's")
+
+    def _show_timeline(self, trainer: Trainer, stage: str, trace: Any) -> None:
+        """The timeline's picture (:func:`~hydra_offload.pictures.timeline_figure`), on rank
+        zero: logged to each logger that takes images, and written as
+        :data:`~hydra_offload.pictures.TIMELINE_PICTURE` inside a Hydra job, unless the file
+        already holds this job's fit's timeline."""
+        folder = job_output_dir()
+        path = None
+        if folder is not None and (stage == "fit" or "fit" not in self._timelines):
+            path = folder / TIMELINE_PICTURE
+            self._timelines.add(stage)
+        _publish(trainer, lambda: timeline_figure(trace), path, TIMELINE_IMAGE_TAG, "timeline's")
 
     def _send_hparams(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
@@ -551,7 +585,7 @@ class OffloadCallback(Callback):
             return
         output_dir = str(folder)
         if output_dir != self._summary_dir:  # a new Hydra job: forget the last one's stages
-            self._summary_dir, self._stages = output_dir, {}
+            self._summary_dir, self._stages, self._timelines = output_dir, {}, set()
         self._record = _StageRecord(stage, trainer.strategy.root_device)
 
     def _write_summary(self, stats: OffloadStats | None, error: str | None = None) -> None:
@@ -571,12 +605,36 @@ class OffloadCallback(Callback):
         # Any checkpoint was restored before the first batch: the module gets its own
         # on_load_checkpoint back (and pickles as it did).
         self._unwrap_on_load_checkpoint()
-        if self._record is not None and self._in_stage(trainer, stage):
+        if not self._in_stage(trainer, stage):
+            return
+        self._steps += 1
+        if self._record is not None:
             self._record.begin_step()
+        if (
+            self.handle is not None
+            and self._steps - 1 == self.timeline_step
+            and trainer.is_global_zero
+        ):
+            opened = self.handle.trace()
+            self._tracing = (opened, opened.__enter__())
 
     def _step_ends(self, trainer: Trainer, stage: str) -> None:
-        if self._record is not None and self._in_stage(trainer, stage):
+        if not self._in_stage(trainer, stage):
+            return
+        trace = self._close_trace()  # before the time is taken: it synchronizes the device
+        if self._record is not None:
             self._record.end_step()
+        if trace is not None and trace.spans:
+            self._show_timeline(trainer, stage, trace)
+
+    def _close_trace(self) -> Any:
+        """End the open trace, if any, and return it (its spans resolved)."""
+        tracing, self._tracing = self._tracing, None
+        if tracing is None:
+            return None
+        opened, trace = tracing
+        opened.__exit__(None, None, None)
+        return trace
 
     # Each batch of the stage being recorded is one timed step (fit's end also logs, below).
     on_train_batch_start = _timed_batch("fit", "begins")
@@ -627,6 +685,7 @@ class OffloadCallback(Callback):
         self._write_summary(stats)
 
     def _remove(self) -> None:
+        self._close_trace()  # a stage that ended inside the traced step: its trace is dropped
         self._unpatch()
         for patch in self._split:
             patch.remove()
@@ -711,35 +770,67 @@ class OffloadCallback(Callback):
             )
 
 
-def _picture_sink(logger: Logger, step: int) -> Callable[[Figure], None] | None:
-    """How ``logger`` takes the plan's picture, or ``None`` where it takes no images.
+_ARTIFACTS = {PLAN_IMAGE_TAG: PLAN_PICTURE, TIMELINE_IMAGE_TAG: TIMELINE_PICTURE}
+"""The file name MLflow stores each picture under, by its tag."""
+
+
+def _publish(
+    trainer: Trainer, draw: Callable[[], Figure], path: Path | None, tag: str, what: str
+) -> None:
+    """Draw a picture (``draw()``) only when someone wants it: write it to ``path`` (unless
+    ``None``) and log it under ``tag`` to each of the Trainer's loggers that takes images
+    (:func:`_picture_sink`). A logger that fails to take it gets a warning on this module's
+    logger naming ``what`` picture it was; the stage goes on."""
+    sinks: list[tuple[Logger, Callable[[Figure], None]]] = []
+    for logger in trainer.loggers:
+        try:
+            sink = _picture_sink(logger, trainer.global_step, tag)
+        except Exception as err:  # a report must not end the stage
+            _picture_not_logged(logger, err, what)
+            continue
+        if sink is not None:
+            sinks.append((logger, sink))
+    if path is None and not sinks:
+        return
+    figure = draw()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    for logger, sink in sinks:
+        try:
+            sink(figure)
+        except Exception as err:
+            _picture_not_logged(logger, err, what)
+
+
+def _picture_sink(logger: Logger, step: int, tag: str) -> Callable[[Figure], None] | None:
+    """How ``logger`` takes a picture logged under ``tag``, or ``None`` where it takes no
+    images.
 
     Duck-typed, so no logger's library is imported here: a ``log_image(key, images, step)``
-    method (W&B's ``WandbLogger``) gets the picture as an RGB array under
-    :data:`PLAN_IMAGE_TAG`; an ``experiment`` with ``add_figure`` (TensorBoard's
-    ``SummaryWriter``) gets the figure under that tag at ``step``; an ``experiment`` with
-    ``log_figure`` and a ``run_id`` (MLflow's client) gets it as the artifact
-    :data:`~hydra_offload.pictures.PLAN_PICTURE`. Any other logger (``CSVLogger``) is skipped.
+    method (W&B's ``WandbLogger``) gets the picture as an RGB array under ``tag``; an
+    ``experiment`` with ``add_figure`` (TensorBoard's ``SummaryWriter``) gets the figure under
+    ``tag`` at ``step``; an ``experiment`` with ``log_figure`` and a ``run_id`` (MLflow's
+    client) gets it as the artifact named in :data:`_ARTIFACTS` (``offload_plan.png``,
+    ``offload_timeline.png``). Any other logger (``CSVLogger``) is skipped.
     """
     log_image = getattr(logger, "log_image", None)
     if callable(log_image):
-        return lambda figure: log_image(
-            key=PLAN_IMAGE_TAG, images=[figure_pixels(figure)], step=step
-        )
+        return lambda figure: log_image(key=tag, images=[figure_pixels(figure)], step=step)
     experiment = logger.experiment
     add_figure = getattr(experiment, "add_figure", None)
     if callable(add_figure):
-        return lambda figure: add_figure(PLAN_IMAGE_TAG, figure, global_step=step, close=False)
+        return lambda figure: add_figure(tag, figure, global_step=step, close=False)
     run_id = getattr(logger, "run_id", None)
     log_figure = getattr(experiment, "log_figure", None)
     if run_id is not None and callable(log_figure):
-        return lambda figure: log_figure(run_id, figure, PLAN_PICTURE)
+        return lambda figure: log_figure(run_id, figure, _ARTIFACTS[tag])
     return None
 
 
-def _picture_not_logged(logger: Logger, err: Exception) -> None:
+def _picture_not_logged(logger: Logger, err: Exception, what: str) -> None:
     log.warning(
-        "OffloadCallback: could not log the plan's picture to %s: %s",
+        "OffloadCallback: could not log the %s picture to %s: %s",
+        what,
         type(logger).__name__,
         _error_line(err),
     )

@@ -15,6 +15,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["DecoderBlock", "DecoderLM"]
 
@@ -90,6 +91,10 @@ class DecoderLM(nn.Module):
             torch's default.
         device: where to create the parameters (``"meta"`` allocates nothing); ``None`` uses
             the current default device.
+        gradient_checkpointing: with gradients enabled, call each block through
+            ``torch.utils.checkpoint`` (non-reentrant): its activations are not kept but
+            recomputed in backward, where the block is called again (activation
+            checkpointing; the offload keeps the block's weights in its slots for that).
 
     Example:
         >>> import torch
@@ -114,8 +119,10 @@ class DecoderLM(nn.Module):
         tie_embeddings: bool = False,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         for name, value in (
             ("vocab_size", vocab_size),
             ("hidden_size", hidden_size),
@@ -153,8 +160,12 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(batch, seq, vocab_size)`` for token ids ``(batch, seq)``."""
         hidden_states = self.embed_tokens(input_ids)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            if checkpointed:
+                hidden_states = checkpoint(layer, hidden_states, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states)
         return self.lm_head(self.norm(hidden_states))
 
 

@@ -1,11 +1,14 @@
-"""Recording the timeline of a forward: when each offloaded layer computed, when its weights
-were copied in, and which copies were loads on demand (stalls).
+"""Recording the timeline of a step: when each offloaded layer computed (its forward and, in
+training, its backward), when its weights were copied in, and which copies were loads on
+demand (stalls).
 
 A :class:`StepTrace` is what :meth:`hydra_offload.offload.OffloadHandle.trace` yields. While
 it is active, the prefetch backend's ring marks each event on the stream it belongs to: a
 copy's start and end on the copy stream (after the waits that order it, around its copies), a
 layer's compute start on the compute stream once its weights are ready (after its forward
-pre-hook made the stream wait for them) and its end in its forward hook. Where the runtime
+pre-hook made the stream wait for them) and its end in its forward hook; in a backward pass,
+a layer's backward from when the gradient reaches its output (once its weights are ready
+again) to when the gradient of its input is complete. Where the runtime
 has timing events (an accelerator, the simulated device), a mark is one, recorded on its
 stream, so it measures when the device got there; on the CPU it is the host's clock
 (``time.perf_counter()``), and copies are synchronous there, so a copy span is the time the
@@ -49,15 +52,18 @@ CLOCKS = {
 
 Lane = Literal["compute", "copy"]
 Kind = Literal["compute", "copy", "stall"]
+Phase = Literal["forward", "backward"]
 
 
 @dataclass(frozen=True)
 class TraceSpan:
     """One bar of the timeline.
 
-    ``lane``: ``"compute"`` (a layer's forward) or ``"copy"`` (the load of its weights into
-    its slots); ``kind``: ``"compute"``, ``"copy"`` (a prefetch) or ``"stall"`` (a load on
-    demand: the layer's slots held something else when it was called).
+    ``lane``: ``"compute"`` (a layer's forward or backward) or ``"copy"`` (the load of its
+    weights into its slots); ``kind``: ``"compute"``, ``"copy"`` (a prefetch) or ``"stall"``
+    (a load on demand: the layer's slots held something else when it was called);
+    ``phase``: whether a compute span is the layer's ``"forward"`` or its ``"backward"``
+    (a copy's is ``"forward"``).
     """
 
     lane: Lane
@@ -70,6 +76,7 @@ class TraceSpan:
     """The layer's index in its stack."""
     start_ms: float
     end_ms: float
+    phase: Phase = "forward"
 
     @property
     def label(self) -> str:
@@ -112,7 +119,7 @@ class StepTrace:
         """How the times were measured: one of :data:`CLOCKS`' values."""
         self.spans: list[TraceSpan] = []
         """The spans, in the order they were recorded, times in ms from the earliest mark."""
-        self._raw: list[tuple[Lane, Kind, str, int, int, Any, Any]] = []
+        self._raw: list[tuple[Lane, Kind, str, int, int, Any, Any, Phase]] = []
         self._origin: Any = None
         self._finished = False
         if runtime is not None:
@@ -132,8 +139,8 @@ class StepTrace:
         return StackTrace(self, path, tuple(layers))
 
     def _add(self, lane: Lane, kind: Kind, stack: str, position: int, layer: int,
-             start: Any, end: Any) -> None:  # fmt: skip
-        self._raw.append((lane, kind, stack, position, layer, start, end))
+             start: Any, end: Any, phase: Phase = "forward") -> None:  # fmt: skip
+        self._raw.append((lane, kind, stack, position, layer, start, end, phase))
 
     def finish(self) -> StepTrace:
         """Wait for the device to pass every mark and resolve them into :attr:`spans`
@@ -155,21 +162,25 @@ class StepTrace:
             def ms(mark: Any) -> float:
                 return (mark - origin_s) * 1e3
 
-        raw = [(lane, kind, stack, pos, layer, ms(s), ms(e))
-               for lane, kind, stack, pos, layer, s, e in self._raw]  # fmt: skip
+        raw = [(lane, kind, stack, pos, layer, ms(s), ms(e), phase)
+               for lane, kind, stack, pos, layer, s, e, phase in self._raw]  # fmt: skip
         # A copy may start on its stream before the compute stream reaches the trace's first
         # mark: count from the earliest mark.
         shift = min([0.0, *(r[5] for r in raw)])
         self.spans = [
-            TraceSpan(lane, kind, stack, pos, layer, s - shift, max(e, s) - shift)
-            for lane, kind, stack, pos, layer, s, e in raw
+            TraceSpan(lane, kind, stack, pos, layer, s - shift, max(e, s) - shift, phase)
+            for lane, kind, stack, pos, layer, s, e, phase in raw
         ]
         self._raw = []
         return self
 
-    def lane(self, lane: Lane) -> list[TraceSpan]:
-        """The spans of one lane (``"compute"`` or ``"copy"``), in the order they started."""
-        return sorted((s for s in self.spans if s.lane == lane), key=lambda s: s.start_ms)
+    def lane(self, lane: Lane, phase: Phase | None = None) -> list[TraceSpan]:
+        """The spans of one lane (``"compute"`` or ``"copy"``), in the order they started;
+        with ``phase``, only the forward's or the backward's."""
+        return sorted(
+            (s for s in self.spans if s.lane == lane and phase in (None, s.phase)),
+            key=lambda s: s.start_ms,
+        )
 
     @property
     def stalls(self) -> list[TraceSpan]:
@@ -205,19 +216,21 @@ class StackTrace:
         kind: Kind = "stall" if stall else "copy"
         self.trace._add("copy", kind, self.path, position, self.layers[position], start, end)
 
-    def begin(self, position: int) -> None:
-        """The layer's weights are ready and its compute starts now (on the compute stream)."""
+    def begin(self, position: int, phase: Phase = "forward") -> None:
+        """The layer's weights are ready and its compute (its forward, or its backward)
+        starts now (on the compute stream)."""
         runtime = self.trace._runtime
-        self._open[position] = self.trace.mark(runtime.current_stream())
+        self._open[position] = (self.trace.mark(runtime.current_stream()), phase)
 
     def end(self, position: int) -> None:
         """The layer's compute ends now; nothing if its start was not recorded."""
-        start = self._open.pop(position, None)
-        if start is None:
+        opened = self._open.pop(position, None)
+        if opened is None:
             return
+        start, phase = opened
         end = self.trace.mark(self.trace._runtime.current_stream())
         self.trace._add("compute", "compute", self.path, position, self.layers[position],
-                        start, end)  # fmt: skip
+                        start, end, phase)  # fmt: skip
 
 
 def _clock_of(runtime: Any) -> str:
