@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import os
 import shutil
 import subprocess
 import sys
@@ -313,12 +314,45 @@ def test_a_structured_config_without_an_offload_field_gets_one_line_saying_what_
         return
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[0] == (
-        "the primary config Config (a structured config) has no field 'offload' for the "
-        "offload group to fill: declare `offload: Any = None` in it (hydra-zen: "
-        "make_config(offload=None, ...))"
-    )
-    assert "hydra_offload_schema" not in result.stderr
-    assert lines[1:] == [
-        "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
-    ]
+    assert lines == [EXPLAINED]  # and nothing else: no hint about stack traces
+    assert result.stdout == ""
+
+
+EXPLAINED = (
+    "the primary config Config (a structured config) has no field 'offload' for the "
+    "offload group to fill: declare `offload: Any = None` in it (hydra-zen: "
+    "make_config(offload=None, ...))"
+)
+
+
+def test_with_hydra_full_error_the_explained_error_comes_with_its_stack_trace(tmp_path):
+    app = tmp_path / "app.py"
+    app.write_text(STRUCTURED_APP.format(declaration=""))
+    result = subprocess.run(
+        [sys.executable, str(app), f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert f"ConfigCompositionException: {EXPLAINED}" in result.stderr
+
+
+def test_compose_raises_the_explained_error():
+    from dataclasses import dataclass, field
+
+    from hydra import initialize
+    from hydra.core.config_store import ConfigStore
+
+    @dataclass
+    class Config:
+        defaults: list = field(default_factory=lambda: ["_self_", {"offload": "prefetch"}])
+        lr: float = 0.1
+
+    ConfigStore.instance().store(name="undeclared_offload_app", node=Config)
+    with (
+        initialize(version_base="1.3", config_path=None),
+        pytest.raises(ConfigCompositionException) as raised,
+    ):
+        compose("undeclared_offload_app")
+    assert str(raised.value) == EXPLAINED

@@ -34,7 +34,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import re
+import sys
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import field, fields, is_dataclass, make_dataclass
@@ -204,7 +206,10 @@ def explain_missing_offload_field() -> None:
 
     Hydra merges each group option into the primary config; a structured config refuses a key
     it does not declare. Only that error, raised while merging the schema, is reworded; every
-    other passes as it is.
+    other passes as it is. Under ``@hydra.main`` (and without ``HYDRA_FULL_ERROR``) the line is
+    all the app prints before it exits with status 1: Hydra would add its hint about stack
+    traces, which have nothing to show here. Elsewhere (``hydra.compose``) it is raised as a
+    ``ConfigCompositionException``.
     """
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.errors import ConfigCompositionException
@@ -221,14 +226,35 @@ def explain_missing_offload_field() -> None:
             if found is None:
                 raise
             key, owner = found["key"], found["owner"]
-            raise ConfigCompositionException(
+            message = (
                 f"the primary config {owner} (a structured config) has no field '{key}' for "
                 f"the offload group to fill: declare `{key}: Any = None` in it (hydra-zen: "
                 f"make_config({key}=None, ...))"
-            ) from None
+            )
+            if _reported_by_hydra_main():
+                sys.stderr.write(message + "\n")
+                raise SystemExit(1) from None
+            raise ConfigCompositionException(message) from None
 
     compose_or_explain._explains_missing_offload_field = True  # type: ignore[attr-defined]
     ConfigLoaderImpl._compose_config_from_defaults_list = compose_or_explain  # type: ignore[method-assign]
+
+
+def _reported_by_hydra_main() -> bool:
+    """Whether an exception raised here reaches ``@hydra.main``'s error report (Hydra's
+    ``run_and_report`` is on the stack) and that report would be the short one (no
+    ``HYDRA_FULL_ERROR``, no debugger)."""
+    from hydra._internal import utils
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or utils.is_under_debugger():
+        return False
+    report = utils.run_and_report.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is report:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 def register_configs() -> None:
