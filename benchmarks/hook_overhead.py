@@ -87,7 +87,8 @@ CANDIDATES: dict[str, Callable[[nn.Module], Any]] = {
 }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (the docs' benchmark commands are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=64)
     parser.add_argument("--width", type=int, default=8)
@@ -97,7 +98,11 @@ def main() -> None:
         help="interleaved rounds; each figure is the median of its best round",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = Stack(args.layers, args.width).eval()

@@ -8,12 +8,18 @@
   except blocks marked ``<!-- not run: reason -->`` on the line right before the fence;
 - every ``python run.py ...`` command of the ```bash blocks composes with Hydra (all the jobs
   of a sweep, hydra.* overrides included) and its ``offload`` node validates; the README's main
-  job runs and prints the summary the README shows.
+  job runs and prints the summary the README shows;
+- every other command of the ```bash blocks is checked by what it is: ``pip install`` lines
+  run as ``pip install --dry-run`` here (their extras exist, CI has what they install), the
+  ``venv`` line runs, benchmark commands parse with the script's own parser (the scripts run in
+  tests/test_benchmarks.py), and the test command is the one .ci/run runs. Blocks marked
+  ``<!-- not run: reason -->`` are left out, and a command of no known kind fails.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import itertools
 import os
@@ -172,17 +178,49 @@ def test_python_snippet_runs(code, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def run_py_commands() -> list:
-    params = []
+def shell_commands() -> list[tuple[str, list[str]]]:
+    """``(where, words)`` for each command of the ```bash blocks not marked not run: lines
+    joined across ``\\`` continuations, comments dropped, empty lines skipped."""
+    found = []
     for path in PAGES:
-        for line, code, _ in fenced_blocks(path, "bash"):
+        for line, code, not_run in fenced_blocks(path, "bash"):
+            if not_run:
+                continue
             joined = re.sub(r"\\\n\s*", " ", code)
             for offset, command in enumerate(joined.splitlines()):
-                if command.startswith("python run.py"):
-                    words = shlex.split(command, comments=True)[2:]
-                    name = f"{path.relative_to(ROOT)}:{line}+{offset}"
-                    params.append(pytest.param(words, id=name))
-    return params
+                words = shlex.split(command, comments=True)
+                if words:
+                    found.append((f"{path.relative_to(ROOT)}:{line}+{offset}", words))
+    return found
+
+
+COMPOSED = (["python", "run.py"], ["python", "train.py"])
+"""Commands whose overrides compose with the main job's config: ``run.py`` itself, and the
+``train.py`` of docs/hydra.md's own-app fragment, whose overrides touch only the offload group
+and Hydra's sweeper, as run.py's can."""
+
+
+def kind_of(words: list[str]) -> str:
+    """How a shell command of the docs is checked here."""
+    if words[:2] in COMPOSED:
+        return "composes"
+    if words[:2] == ["pip", "install"]:
+        return "pip"
+    if words[0] == "python" and words[1].startswith("benchmarks/"):
+        return "benchmark"
+    if words[:3] == ["python3", "-m", "venv"]:
+        return "venv"
+    if " ".join(words) == TEST_COMMAND:
+        return "test command"
+    return "unchecked"
+
+
+def run_py_commands() -> list:
+    return [
+        pytest.param(words[2:], id=where)
+        for where, words in shell_commands()
+        if kind_of(words) == "composes"
+    ]
 
 
 def jobs_of(words: list[str]) -> list[list[str]]:
@@ -202,6 +240,105 @@ def jobs_of(words: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*choices)]
 
 
+# --------------------------------------------------------------------------------------------
+# The other shell commands run
+# --------------------------------------------------------------------------------------------
+
+TEST_COMMAND = "ruff check . && pytest"
+"""README.md's test command, which .ci/run ends with."""
+
+
+def test_every_shell_command_of_the_docs_is_checked():
+    unchecked = [where for where, words in shell_commands() if kind_of(words) == "unchecked"]
+    assert unchecked == [], "teach kind_of how to check these commands"
+    marked = sum(not_run for p in PAGES for _, _, not_run in fenced_blocks(p, "bash"))
+    assert marked <= 3, "keep the shell blocks that cannot run in CI few"
+    kinds = {kind_of(words) for _, words in shell_commands()}
+    assert kinds == {"composes", "pip", "benchmark", "venv", "test command"}
+
+
+def other_shell_commands() -> list:
+    return [
+        pytest.param(words, id=where)
+        for where, words in shell_commands()
+        if kind_of(words) != "composes"
+    ]
+
+
+@pytest.mark.parametrize("words", other_shell_commands())
+def test_shell_command_runs(words, tmp_path, monkeypatch):
+    kind = kind_of(words)
+    if kind == "pip":
+        pip_dry_run(words[2:])
+    elif kind == "benchmark":
+        # The flags parse as the script's own parser reads them; tests/test_benchmarks.py
+        # runs each script, at a small size.
+        monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+        script = ROOT / words[1]
+        spec = importlib.util.spec_from_file_location(f"docs_{script.stem}", script)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up
+        spec.loader.exec_module(module)
+        module.build_parser().parse_args(words[2:])
+    elif kind == "venv":
+        done = subprocess.run(["bash", "-c", " ".join(words)],
+                              cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / ".venv" / "bin" / "activate").is_file()
+    else:  # the test command: what .ci/run runs, as the README says
+        ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+        assert ci[-1] == TEST_COMMAND
+
+
+def pip_dry_run(arguments: list[str]) -> None:
+    """``pip install --dry-run`` of the line's arguments in this environment, ``hydra-offload``
+    standing for this checkout (the wheel it builds is the one published under that name).
+
+    Every extra named must exist, and everything the line installs must be here already: CI
+    installs every extra the docs name. A requirement this environment does not meet at all
+    (the device's own torch against CI's pin) skips.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    project = canonicalize_name("hydra-offload")
+    args = []
+    for argument in arguments:
+        try:
+            requirement = Requirement(argument)
+        except InvalidRequirement:  # a flag, or a path: ".[dev]"
+            args.append(argument)
+            continue
+        name = canonicalize_name(requirement.name)
+        if name == project:
+            extras = ",".join(sorted(requirement.extras))
+            args.append(f"{ROOT}[{extras}]" if extras else str(ROOT))
+            continue
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            installed = None
+        if installed is None or not requirement.specifier.contains(installed, prereleases=True):
+            pytest.skip(f"this environment has {requirement.name} {installed}, not {argument}")
+        args.append(argument)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--disable-pip-version-check",
+         *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "does not provide the extra" not in output, output[-3000:]
+    would = re.findall(r"^Would install (.*)$", done.stdout, flags=re.MULTILINE)
+    names = {package.rsplit("-", 1)[0] for line in would for package in line.split()}
+    assert names <= {"hydra-offload", "hydra_offload"}, f"not installed in CI: {names}"
+
+
 def test_the_docs_show_run_py_commands():
     assert len(run_py_commands()) >= 10
 
@@ -210,16 +347,26 @@ def test_the_docs_show_run_py_commands():
 def test_run_py_command_composes(words):
     from hydra import compose, initialize_config_dir
 
-    from hydra_offload import to_offload_config
+    from hydra_offload import OffloadConfigError, to_offload_config
 
     jobs = jobs_of(words)
     assert jobs
+    # An Optuna study may try settings that cannot run: they become failed trials
+    # (docs/spec.md §8.5), so some of its jobs may be refused, not all.
+    study = "hydra/sweeper=optuna" in words
+    refused = []
     for overrides in jobs:
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3", job_name="docs"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
         # OffloadConfigWarning is an error in this suite (pyproject.toml): a sweep that crosses
         # one backend with the other's keys fails here.
-        to_offload_config(cfg.offload)
+        try:
+            to_offload_config(cfg.offload)
+        except OffloadConfigError:
+            if not study:
+                raise
+            refused.append(overrides)
+    assert len(refused) < len(jobs)
 
 
 @pytest.mark.slow
