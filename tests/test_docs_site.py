@@ -387,3 +387,9 @@ def test_the_readme_main_job_prints_its_summary(tmp_path):
     assert shown in readme
     assert "Run summary" in done.stdout
     assert shown in done.stdout
+    # Its output directory has the pictures the docs show.
+    (folder,) = (tmp_path / "outputs").glob("*/*")
+    for what in ("plan", "timeline"):
+        picture = folder / f"offload_{what}.png"
+        assert picture.read_bytes()[:4] == b"\x89PNG"
+        assert f"{what} picture: {picture}" in done.stdout

@@ -229,6 +229,7 @@ def test_run_py_leaves_the_plan_picture_in_its_output_dir(tmp_path):
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "run"
     assert (run_dir / PLAN_PICTURE).read_bytes().startswith(PNG)
+    assert f"plan picture: {run_dir / PLAN_PICTURE}" in result.stdout
     assert (run_dir / PLAN_FILE).exists()
     assert (run_dir / "job_summary.json").exists()
 

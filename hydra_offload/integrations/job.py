@@ -249,8 +249,10 @@ def run_job(cfg: DictConfig, console: Console | None = None) -> JobResult:
         return _infeasible(goals, error, record, console)
     offloads = [c for c in callbacks if isinstance(c, OffloadCallback)]
     folder = job_output_dir()
-    if folder is not None and trainer.is_global_zero and (folder / TIMELINE_PICTURE).exists():
-        console.print(f"timeline picture: {folder / TIMELINE_PICTURE}")  # the callback's
+    if folder is not None and trainer.is_global_zero:  # the pictures the callback drew
+        for what, name in (("plan", PLAN_PICTURE), ("timeline", TIMELINE_PICTURE)):
+            if (folder / name).exists():
+                console.print(f"{what} picture: {folder / name}", soft_wrap=True)
     summary = _summary(offload, offloads, timer, trainer)
     if suggestion is not None:
         summary["predicted_step_ms"] = suggestion.predicted_step_seconds * 1e3
@@ -400,7 +402,9 @@ def _plan_only(cfg: DictConfig, offload: OffloadConfig, console: Console) -> dic
     console.print(render_plan(plan))
     folder = job_output_dir()
     if folder is not None:
-        console.print(f"plan picture: {save_plan_picture(plan, folder / PLAN_PICTURE)}")
+        console.print(
+            f"plan picture: {save_plan_picture(plan, folder / PLAN_PICTURE)}", soft_wrap=True
+        )
     note_applied()  # planning only is what a dry run asks for: not a forgotten callback
     return {"backend": plan.backend, "device_bytes_saved": plan.device_bytes_saved}
 
