@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from hydra_offload import OffloadCallback, plan_offload
+from hydra_offload import OffloadCallback, get_offload_handle, plan_offload
 from hydra_offload._format import format_bytes
 from hydra_offload.integrations.lightning import PLAN_FILE, PLAN_IMAGE_TAG, TIMELINE_IMAGE_TAG
 from hydra_offload.models import DecoderLM, LitDecoderLM, random_tokens
@@ -468,3 +468,34 @@ def test_the_callback_logs_the_timeline_to_tensorboard(tmp_path):
     assert {PLAN_IMAGE_TAG, TIMELINE_IMAGE_TAG} <= set(events.Tags()["images"])
     (image,) = events.Images(TIMELINE_IMAGE_TAG)
     assert image.encoded_image_string.startswith(PNG)
+
+
+class TraceSeen(Callback):
+    """Records, at each predict batch's start (after the OffloadCallback's), whether the
+    offload's rings are being traced."""
+
+    def __init__(self) -> None:
+        self.traced: list[bool] = []
+
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        rings = get_offload_handle(pl_module)._installed.rings
+        self.traced.append(any(ring.trace is not None for ring in rings))
+
+
+@pytest.mark.parametrize("where", ["nowhere", "csv-only", "tensorboard"])
+def test_a_step_is_traced_only_when_its_picture_has_somewhere_to_go(tmp_path, where):
+    callback, seen = OffloadCallback(PREFETCH), TraceSeen()
+    logger: Any = {"nowhere": False, "csv-only": CSVLogger(tmp_path),
+                   "tensorboard": None}[where]  # fmt: skip
+    if where == "tensorboard":
+        pytest.importorskip("tensorboard")
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(tmp_path)
+    trainer = trainer_with(callback, logger, steps=3)
+    trainer.callbacks.append(seen)
+    data = random_tokens(vocab_size=64, seq_len=9, samples=6, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU notice
+        trainer.predict(LitDecoderLM(DecoderLM(**SIZES)), data)
+    assert seen.traced == [False, where == "tensorboard", False]

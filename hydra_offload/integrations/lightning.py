@@ -563,12 +563,18 @@ class OffloadCallback(Callback):
         zero: logged to each logger that takes images, and written as
         :data:`~hydra_offload.pictures.TIMELINE_PICTURE` inside a Hydra job, unless the file
         already holds this job's fit's timeline."""
-        folder = job_output_dir()
-        path = None
-        if folder is not None and (stage == "fit" or "fit" not in self._timelines):
-            path = folder / TIMELINE_PICTURE
+        path = self._timeline_path(stage)
+        if path is not None:
             self._timelines.add(stage)
         _publish(trainer, lambda: timeline_figure(trace), path, TIMELINE_IMAGE_TAG, "timeline's")
+
+    def _timeline_path(self, stage: str) -> Path | None:
+        """Where ``stage``'s timeline is written: inside a Hydra job, unless the file already
+        holds this job's fit's timeline; else ``None``."""
+        folder = job_output_dir()
+        if folder is None or (stage != "fit" and "fit" in self._timelines):
+            return None
+        return folder / TIMELINE_PICTURE
 
     def _send_hparams(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
@@ -614,6 +620,7 @@ class OffloadCallback(Callback):
             self.handle is not None
             and self._steps - 1 == self.timeline_step
             and trainer.is_global_zero
+            and (self._timeline_path(stage) is not None or _takes_images(trainer))
         ):
             opened = self.handle.trace()
             self._tracing = (opened, opened.__enter__())
@@ -800,6 +807,18 @@ def _publish(
             sink(figure)
         except Exception as err:
             _picture_not_logged(logger, err, what)
+
+
+def _takes_images(trainer: Trainer) -> bool:
+    """Whether one of the Trainer's loggers takes images (:func:`_picture_sink`; a logger that
+    fails to say counts as one: :func:`_publish` then warns about it)."""
+    for logger in trainer.loggers:
+        try:
+            if _picture_sink(logger, trainer.global_step, TIMELINE_IMAGE_TAG) is not None:
+                return True
+        except Exception:
+            return True
+    return False
 
 
 def _picture_sink(logger: Logger, step: int, tag: str) -> Callable[[Figure], None] | None:
