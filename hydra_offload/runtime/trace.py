@@ -16,22 +16,22 @@ copy took. When the trace ends, the runtime is synchronized and every mark is re
 milliseconds from the earliest one: :attr:`StepTrace.spans`. The ring checks one attribute per
 hook when no trace is active, so not tracing costs nothing.
 
-Example (the CPU: two offloaded layers, one slot, so the second layer's copy is queued when
-the first is done):
+Example (a training step on the CPU: two offloaded layers, one slot; backward walks them in
+reverse and loads layer 1 again for its backward):
     >>> import torch
     >>> from hydra_offload import apply_offload
     >>> from hydra_offload.models import DecoderLM
-    >>> model = DecoderLM(num_layers=4).eval()
+    >>> model = DecoderLM(num_layers=4)
     >>> ids = torch.randint(0, 1024, (2, 16))
     >>> with apply_offload(model, {"prefetch": {"offload_group_size": 2}}) as handle:
-    ...     with torch.no_grad(), handle.trace() as trace:
-    ...         _ = model(ids)
+    ...     with handle.trace() as trace:
+    ...         model(ids).logsumexp(-1).mean().backward()
     >>> trace.clock
     'wall clock (CPU: copies are synchronous)'
-    >>> [(s.lane, s.label) for s in trace.spans if s.lane == "compute"]
-    [('compute', 'layers.1'), ('compute', 'layers.3')]
-    >>> all(0 <= s.start_ms <= s.end_ms for s in trace.spans)
-    True
+    >>> [f"{s.phase} {s.label}" for s in trace.lane("compute")]
+    ['forward layers.1', 'forward layers.3', 'backward layers.3', 'backward layers.1']
+    >>> [s.label for s in trace.lane("copy")]
+    ['layers.3', 'layers.1']
 """
 
 from __future__ import annotations
