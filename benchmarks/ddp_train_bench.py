@@ -106,7 +106,6 @@ from torch import nn
 
 from hydra_offload import apply_offload
 
-RESULTS = Path(__file__).parent / "results"
 MAIN_OPTIONS = ("ddp", "offload", "fsdp-cpu-offload", "fsdp")
 # Runs that measure only the rounding of the weights (their memory and time are in the json).
 REFERENCES = ("ddp-per-param", "ddp-buckets")
@@ -592,7 +591,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=5,
         help="training steps per run, the first a warm-up (default: 5)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if min(args.ranks) < 1 or args.layers < 1 or args.mib <= 0:
         parser.error("--ranks, --layers and --mib must be positive")

@@ -41,6 +41,9 @@ from torch import nn
 
 from hydra_offload.runtime.host import proc_bytes
 
+RESULTS = Path(__file__).parent / "results"
+"""Where the node benchmarks write their results (``--out``)."""
+
 MIB = 2**20
 # One rank's figures for one option, the process group up: ``measure(rank, spec)``.
 Measure = Callable[[int, dict[str, Any]], dict[str, Any]]
@@ -195,7 +198,8 @@ def add_arguments(
     options_help: str,
 ) -> None:
     """``--ranks`` (default 1 2 4), ``--mib`` (128), ``--layers`` (32), ``--backend`` (one of
-    ``backends``, default ``uva``) and ``--options`` (some of ``options``, default all)."""
+    ``backends``, default ``uva``), ``--options`` (some of ``options``, default all) and
+    ``--out`` (default :data:`RESULTS`)."""
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help=ranks_help)
     parser.add_argument("--mib", type=float, default=128.0, help=mib_help)
     parser.add_argument("--layers", type=int, default=32, help=layers_help)
@@ -203,6 +207,7 @@ def add_arguments(
     parser.add_argument(
         "--options", nargs="+", choices=options, default=list(options), help=options_help
     )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
 
 
 def begin(args: argparse.Namespace, options: list[str]) -> tuple[int, int, Console]:

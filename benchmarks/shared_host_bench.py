@@ -68,7 +68,6 @@ from rich.table import Table
 
 from hydra_offload import apply_offload
 
-RESULTS = Path(__file__).parent / "results"
 OPTIONS = ("off", "per-rank", "shared")
 OPTION_TITLES = {
     "off": "off (no offload)",
@@ -304,7 +303,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=3,
         help="forwards per rank, Pss read after each (default: 3)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if min(args.ranks) < 1 or args.forwards < 1 or args.layers < 1 or args.mib <= 0:
         parser.error("--ranks, --forwards, --layers and --mib must be positive")

@@ -85,6 +85,16 @@ class Memory(Callback):
     def on_predict_batch_end(self, *args) -> None:
         self.readings.append(pss_bytes())
 
+    def figures(self, offload: OffloadCallback | None) -> dict:
+        """The readings, their largest, and what ``offload`` last said of its host memory."""
+        figures: dict = {"pss": self.readings, "pss_max": max(self.readings)}
+        if offload is not None and offload.last_stats is not None:
+            stats = offload.last_stats
+            figures["shared_by"] = stats.shared_by
+            figures["host_bytes_shared"] = stats.host_bytes_shared
+            figures["offloaded_bytes"] = stats.offloaded_bytes
+        return figures
+
 
 def data() -> DataLoader:
     generator = torch.Generator().manual_seed(1)
@@ -106,14 +116,7 @@ def run(stage: str, option: str) -> dict:
         result["params"] = {n: p.detach().clone() for n, p in module.named_parameters()}
     else:
         result["predictions"] = trainer.predict(module, data())
-    result["pss"] = memory.readings
-    result["pss_max"] = max(memory.readings)
-    if offload is not None and offload.last_stats is not None:
-        stats = offload.last_stats
-        result["shared_by"] = stats.shared_by
-        result["host_bytes_shared"] = stats.host_bytes_shared
-        result["offloaded_bytes"] = stats.offloaded_bytes
-    return result
+    return {**result, **memory.figures(offload)}
 
 
 if __name__ == "__main__":

@@ -140,13 +140,7 @@ def fit(
 def memory(out: Path, option: str) -> None:
     readings = Memory()
     module, _, offload = fit(option, width=1024, depth=32, callbacks=(readings,))
-    result: dict = {"params": trained(module), "pss": readings.readings}
-    result["pss_max"] = max(readings.readings)
-    if offload is not None and offload.last_stats is not None:
-        stats = offload.last_stats
-        result["shared_by"] = stats.shared_by
-        result["host_bytes_shared"] = stats.host_bytes_shared
-        result["offloaded_bytes"] = stats.offloaded_bytes
+    result = {"params": trained(module), **readings.figures(offload)}
     rank = torch.distributed.get_rank()
     torch.save(result, out / f"memory-{option}-rank{rank}.pt")
 
